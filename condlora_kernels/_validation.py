@@ -1,0 +1,114 @@
+"""Argument checks shared by every backend: they run before any kernel launches.
+
+Each message names the argument and the shapes, dtypes or devices involved. The C++ extension
+repeats these checks with TORCH_CHECK and the same wording.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+
+from condlora_kernels.reference import MODES, theta_a_shape
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Problem(NamedTuple):
+    """Sizes of one call: N tokens (rows of x flattened to 2-D), d_in, d_out, rank r."""
+
+    n_rows: int
+    d_in: int
+    d_out: int
+    r: int
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be an int >= 1, got {type(r).__name__}")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    return int(r)
+
+
+def check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode) -> Problem:
+    """Validate the arguments of `condlora_linear`; return the problem sizes."""
+    named = {"x": x, "weight": weight, "theta_a": theta_a, "theta_b": theta_b}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    check_mode(mode)
+    dropout_p = check_dropout_p(dropout_p)
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(float(scaling)):
+        raise TypeError(f"scaling must be a finite float (alpha / r), got {scaling!r}")
+
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}: all tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
+
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (d_out, d_in), got {_describe(weight)}")
+    d_out, d_in = weight.shape
+    if d_out < 1 or d_in < 1:
+        raise ValueError(f"weight must have d_out >= 1 and d_in >= 1, got {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x must have last dimension d_in={d_in} (weight is {tuple(weight.shape)}), got x {tuple(x.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != d_out):
+        raise ValueError(f"bias must have shape ({d_out},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if theta_a.dim() != 2 or theta_b.dim() != 2:
+        raise ValueError(f"theta_a and theta_b must be 2-D (r, d), got {tuple(theta_a.shape)} and {tuple(theta_b.shape)}")
+    r = theta_a.shape[0]
+    if r < 1:
+        raise ValueError(f"r (rows of theta_a) must be >= 1, got theta_a {tuple(theta_a.shape)}")
+    if mode == "paper" and d_out != d_in:
+        raise ValueError(
+            f"mode='paper' needs a square weight (A = theta_a W0^T has d_out columns), got weight {tuple(weight.shape)}; "
+            "use mode='general' for non-square layers")
+    want_a = theta_a_shape(r, d_out, d_in, mode)
+    if tuple(theta_a.shape) != want_a:
+        raise ValueError(f"theta_a must have shape {want_a} in {mode} mode for weight {tuple(weight.shape)}, "
+                         f"got {tuple(theta_a.shape)}")
+    if tuple(theta_b.shape) != (r, d_in):
+        raise ValueError(f"theta_b must have shape {(r, d_in)} (r from theta_a, d_in from weight {tuple(weight.shape)}), "
+                         f"got {tuple(theta_b.shape)}")
+    if weight.requires_grad:
+        raise ValueError("weight requires grad, but CondLoRA keeps W0 frozen and never computes its gradient; "
+                         "call weight.requires_grad_(False)")
+    n_rows = x.numel() // d_in
+    return Problem(n_rows, d_in, d_out, r)
+
+
+def check_seed(seed: Optional[torch.Tensor], device: torch.device) -> None:
+    if seed is None:
+        return
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"seed must be an int64 tensor with one element, got {seed!r}")
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device} but x is on {device}")

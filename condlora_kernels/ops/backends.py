@@ -1,0 +1,143 @@
+"""Backends of the CondLoRA op, and how `backend="auto"` picks one.
+
+A backend is a pair of functions over 2-D activations with the signatures of
+`reference.condlora_forward` and `reference.condlora_backward`:
+
+    forward(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode)      -> ForwardOutputs
+    backward(grad_y, x2d, weight, theta_a, theta_b, u, lora_a, lora_b,
+             scaling, dropout_p, seed, mode, needs)                                     -> BackwardOutputs
+
+plus `unavailable_reason(x)`, which says why it cannot run on these inputs (None when it can). Each
+backend module exposes an object with these three attributes (`BACKEND_IMPLS` below names it).
+The one autograd Function in `condlora_linear.py` drives all of them, so the chain rule is written once.
+
+    reference  plain torch ops (this file): runs anywhere, the correctness yardstick
+    triton     fused Triton kernels (kernels/triton), CUDA tensors; CPU tensors only under TRITON_INTERPRET=1
+    cuda       C++/CUDA extension `condlora_kernels._C` (csrc/), CUDA tensors
+    cpu        C++ extension `condlora_kernels._C` (csrc/), CPU tensors
+
+`auto` takes triton, then cuda, on CUDA tensors and cpu on CPU tensors; where none of them can run it
+uses the reference and warns once, saying why. `CONDLORA_BACKEND=<name>` overrides `auto`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from condlora_kernels import reference
+
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on these inputs (the message says why)."""
+
+
+class CondLoRAFallbackWarning(UserWarning):
+    """`backend="auto"` found no fused backend and runs the (slower) reference."""
+
+
+class Backend:
+    """A named pair of forward/backward implementations, imported on first use from `module:attribute`."""
+
+    def __init__(self, name: str, location: str):
+        self.name = name
+        self._location = location
+        self._impl = None
+        self._import_error: Optional[str] = None
+
+    def _load(self):
+        if self._impl is None and self._import_error is None:
+            module_name, attribute = self._location.split(":")
+            try:
+                self._impl = getattr(importlib.import_module(module_name), attribute)
+            except Exception as exc:  # a missing extension or a broken Triton install: report, don't crash
+                self._import_error = f"{type(exc).__name__}: {exc}"
+        return self._impl
+
+    def unavailable_reason(self, x: torch.Tensor) -> Optional[str]:
+        impl = self._load()
+        if impl is None:
+            return f"the {self.name} backend could not be loaded ({self._import_error})"
+        return impl.unavailable_reason(x)
+
+    @property
+    def forward(self) -> Callable:
+        return self._load().forward
+
+    @property
+    def backward(self) -> Callable:
+        return self._load().backward
+
+
+class ReferenceBackend:
+    """The reference backend: the math of reference.py in plain torch ops, traceable by torch.compile."""
+
+    forward = staticmethod(reference.condlora_forward)
+    backward = staticmethod(reference.condlora_backward)
+
+    @staticmethod
+    def unavailable_reason(x: torch.Tensor) -> Optional[str]:
+        return None
+
+
+BACKEND_IMPLS = {
+    "reference": "condlora_kernels.ops.backends:ReferenceBackend",
+    "triton": "condlora_kernels.kernels.triton.condlora_linear:TritonBackend",
+    "cuda": "condlora_kernels.kernels.cpp:CudaBackend",
+    "cpu": "condlora_kernels.kernels.cpp:CpuBackend",
+}
+BACKENDS = {name: Backend(name, location) for name, location in BACKEND_IMPLS.items()}
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, CondLoRAFallbackWarning, stacklevel=4)
+
+
+def check_backend_name(name: str) -> str:
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+def select_backend(requested: str, x: torch.Tensor) -> Backend:
+    """Resolve `requested` ("auto" or a backend name) to a backend that can run on x."""
+    check_backend_name(requested)
+    if requested == "auto":
+        override = os.environ.get("CONDLORA_BACKEND", "auto")
+        if override not in ("", "auto"):
+            if override not in BACKEND_NAMES:
+                raise ValueError(f"CONDLORA_BACKEND must be 'auto' or one of {BACKEND_NAMES}, got {override!r}")
+            requested = override
+    if requested != "auto":
+        backend = BACKENDS[requested]
+        reason = backend.unavailable_reason(x)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={requested!r} cannot run here: {reason}")
+        return backend
+
+    candidates = ("triton", "cuda") if x.device.type == "cuda" else ("cpu",)
+    reasons = []
+    for name in candidates:
+        reason = BACKENDS[name].unavailable_reason(x)
+        if reason is None:
+            return BACKENDS[name]
+        reasons.append(f"{name}: {reason}")
+    _warn_once(f"condlora_kernels: no fused backend can run on {x.device.type} tensors of dtype {x.dtype} "
+               f"({'; '.join(reasons)}); using the reference backend, which is slower")
+    return BACKENDS["reference"]
+
+
+def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """{backend name: None if it can run on `device`/`dtype`, else the reason it cannot}."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return {name: backend.unavailable_reason(probe) for name, backend in BACKENDS.items()}

@@ -1,0 +1,100 @@
+"""`condlora_linear`: the public functional API and the autograd Function behind it.
+
+    y = x W0^T + b + s * (dropout(x) A^T) B^T,   A, B generated from W0 by theta_a, theta_b
+
+The Function is written once for every backend (reference, triton, cuda, cpu: see backends.py).
+Its backward is hand-written; the chain rule (DESIGN.md §2), with x_hat = x * M / (1 - p), u = x_hat A^T:
+
+    v        = dy B                                  (N, r)
+    dx       = dy W0 + s * (v A) * M / (1 - p)        (N, d_in)
+    dA       = s * v^T x_hat                          (r, d_in)
+    dB       = s * dy^T u                             (d_out, r)
+    dtheta_b = dB^T W0                                (r, d_in)      B = W0 theta_b^T
+    dtheta_a = dA W0      (paper, A = theta_a W0^T)   (r, d)
+             | dA W0^T    (general, A = theta_a W0)   (r, d_out)
+    db       = sum_rows dy                            (d_out,)
+    dW0      = never (W0 is frozen)
+
+The dropout mask M is not stored: it is a function of a seed drawn from torch's RNG on x's device
+(so `torch.manual_seed` reproduces it) and the element's index, regenerated in the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from condlora_kernels._validation import check_condlora_args
+from condlora_kernels.ops.backends import BACKENDS, check_backend_name, select_backend
+
+SEED_HIGH = 1 << 62  # seeds are drawn uniformly from [0, 2^62)
+
+
+class CondLoRALinearFunction(torch.autograd.Function):
+    """Autograd over one backend's forward and backward ops (the backend is passed by name)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, theta_a, theta_b, scaling: float, dropout_p: float,
+                seed: Optional[torch.Tensor], mode: str, backend_name: str):
+        backend = BACKENDS[backend_name]
+        d_out, d_in = weight.shape
+        x2d = x.reshape(-1, d_in)
+        out = backend.forward(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode)
+        ctx.save_for_backward(x2d, weight, theta_a, theta_b, out.u, out.lora_a, out.lora_b, seed)
+        ctx.scaling, ctx.dropout_p, ctx.mode, ctx.backend_name = scaling, dropout_p, mode, backend_name
+        ctx.x_shape = x.shape
+        return out.y.reshape(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, weight, theta_a, theta_b, u, lora_a, lora_b, seed = ctx.saved_tensors
+        need_x, _, need_b, need_ta, need_tb = ctx.needs_input_grad[:5]
+        grads = BACKENDS[ctx.backend_name].backward(
+            grad_y.reshape(-1, weight.shape[0]), x2d, weight, theta_a, theta_b, u, lora_a, lora_b,
+            ctx.scaling, ctx.dropout_p, seed, ctx.mode, (need_x, need_ta, need_tb, need_b))
+        grad_x = grads.grad_x.reshape(ctx.x_shape) if need_x else None
+        return (grad_x, None, grads.grad_bias if need_b else None, grads.grad_theta_a if need_ta else None,
+                grads.grad_theta_b if need_tb else None, None, None, None, None, None)
+
+
+def _autocast_inputs(tensors):
+    """Cast floating inputs to the autocast dtype when autocast is on for their device, as F.linear would."""
+    x = tensors[0]
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
+
+
+def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], theta_a: torch.Tensor,
+                    theta_b: torch.Tensor, scaling: float, *, dropout_p: float = 0.0, mode: str = "paper",
+                    backend: str = "auto") -> torch.Tensor:
+    """CondLoRA linear layer: ``x W0^T + b + scaling * (dropout(x) A^T) B^T`` with A, B generated from W0.
+
+    Args:
+        x: input of shape (..., d_in).
+        weight: the frozen W0, (d_out, d_in); it never gets a gradient (must not require grad).
+        bias: (d_out,) or None; gets a gradient when it requires grad.
+        theta_a: (r, d_in) in paper mode, (r, d_out) in general mode; shared by all layers of a module type.
+        theta_b: (r, d_in).
+        scaling: alpha / r.
+        dropout_p: dropout probability on the low-rank path only (the frozen matmul sees x unchanged).
+        mode: "paper" (A = theta_a W0^T, square W0, the paper's code) or "general" (A = theta_a W0, any W0).
+        backend: "auto", "reference", "triton", "cuda" or "cpu" (see `available_backends()`).
+
+    Returns:
+        y of shape x.shape[:-1] + (d_out,), in x's dtype (the autocast dtype under autocast).
+    """
+    check_backend_name(backend)
+    x, weight, bias, theta_a, theta_b = _autocast_inputs([x, weight, bias, theta_a, theta_b])
+    check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
+    chosen = select_backend(backend, x)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, SEED_HIGH, (1,), device=x.device, dtype=torch.int64)
+    with torch.autocast(x.device.type, enabled=False):
+        return CondLoRALinearFunction.apply(x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p),
+                                            seed, mode, chosen.name)

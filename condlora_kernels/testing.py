@@ -1,0 +1,128 @@
+"""Accuracy checks shared by the tests, the self-check (`python -m condlora_kernels`) and the benchmarks.
+
+The rule (as flash-attention's tests): a backend's result passes when its error against a float64
+reference is at most twice the error of the same computation done by the reference in the backend's
+own dtype, plus a floor of eps(dtype)/8. Errors are relative Frobenius norms. NaN and inf must sit
+exactly where the float64 reference has them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from condlora_kernels import reference
+from condlora_kernels.ops.backends import BACKENDS
+
+ERROR_FACTOR = 2.0
+
+
+def error_floor(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 8
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over the finite entries, in float64."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    finite = torch.isfinite(ref64)
+    diff = (out64 - ref64)[finite]
+    denom = ref64[finite].norm().item()
+    num = diff.norm().item()
+    if denom == 0.0:
+        return num
+    return num / denom
+
+
+def check_close(out: torch.Tensor, ref64: torch.Tensor, baseline: torch.Tensor, name: str) -> tuple[bool, str]:
+    """(passed, message) for `out` against the float64 `ref64`, given the same-dtype `baseline`."""
+    if out.shape != ref64.shape:
+        return False, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    out_c, ref_c = out.detach().cpu(), ref64.detach().cpu()
+    for kind, pred in (("NaN", torch.isnan), ("inf", torch.isinf)):
+        if not torch.equal(pred(out_c), pred(ref_c)):
+            return False, (f"{name}: {kind} pattern differs: {int(pred(out_c).sum())} in output, "
+                           f"{int(pred(ref_c).sum())} in the float64 reference")
+    err = relative_error(out, ref64)
+    base = relative_error(baseline, ref64)
+    bound = ERROR_FACTOR * base + error_floor(out.dtype)
+    ok = err <= bound and not math.isnan(err)
+    return ok, f"{name}: rel. error {err:.2e} vs bound {bound:.2e} ({ERROR_FACTOR:g} x same-dtype torch {base:.2e})"
+
+
+def assert_close(out, ref64, baseline, name: str) -> None:
+    ok, msg = check_close(out, ref64, baseline, name)
+    assert ok, msg
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    theta_a: torch.Tensor
+    theta_b: torch.Tensor
+    scaling: float
+    mode: str
+
+    def tensors(self):
+        return self.x, self.weight, self.bias, self.theta_a, self.theta_b
+
+
+def make_problem(n_rows: int, d_in: int, d_out: int, r: int, *, mode: str = "general", bias: bool = True,
+                 dtype=torch.float32, device="cpu", scaling: float = 2.0, seed: int = 0,
+                 leading: tuple = ()) -> Problem:
+    """Fresh random inputs (never zeros) at a scale where the low-rank term is a sizeable part of y.
+
+    theta_b is random, not zero as at initialisation, so that B != 0 and every path is exercised.
+    x has shape leading + (n_rows, d_in).
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    theta_a_shape = reference.theta_a_shape(r, d_out, d_in, mode)
+    return Problem(
+        x=rnd(*leading, n_rows, d_in),
+        weight=rnd(d_out, d_in, scale=d_in ** -0.5),
+        bias=rnd(d_out) if bias else None,
+        theta_a=rnd(*theta_a_shape, scale=theta_a_shape[1] ** -0.25),
+        theta_b=rnd(r, d_in, scale=d_in ** -0.25),
+        scaling=scaling,
+        mode=mode,
+    )
+
+
+def backend_vs_reference(backend: str, problem: Problem, dropout_p: float = 0.0,
+                         needs=(True, True, True, True)) -> list[tuple[bool, str]]:
+    """Run one backend's forward and backward ops on `problem` and check every output.
+
+    Checks y, u, A, B and dx, dtheta_a, dtheta_b, db against the float64 reference, each with the
+    same-dtype reference as the baseline. Returns a list of (passed, message).
+    """
+    p = problem
+    x2d = p.x.reshape(-1, p.x.shape[-1])
+    seed = torch.tensor([1234567891011], dtype=torch.int64, device=p.x.device) if dropout_p > 0 else None
+    impl = BACKENDS[backend]
+    args = (x2d, p.weight, p.bias, p.theta_a, p.theta_b, p.scaling, dropout_p, seed, p.mode)
+    out = impl.forward(*args)
+    base = reference.condlora_forward(*args)
+    ref = reference.condlora_forward(*args, upcast=torch.float64)
+    results = [check_close(getattr(out, k), getattr(ref, k), getattr(base, k), k) for k in ("y", "u", "lora_a", "lora_b")]
+
+    g = torch.Generator(device="cpu").manual_seed(99)
+    grad_y = torch.randn(ref.y.shape, generator=g, dtype=torch.float64).to(p.x.device, p.x.dtype)
+    needs = (needs[0], needs[1], needs[2], needs[3] and p.bias is not None)
+    # every backend's backward gets the same saved tensors (the reference's), so only the backward is compared
+    saved = (x2d, p.weight, p.theta_a, p.theta_b, base.u, base.lora_a, base.lora_b)
+    bwd_args = (grad_y, *saved, p.scaling, dropout_p, seed, p.mode, needs)
+    grads = impl.backward(*bwd_args)
+    base_g = reference.condlora_backward(*bwd_args)
+    ref_g = reference.condlora_backward(*bwd_args, upcast=torch.float64)
+    for k, need in zip(("grad_x", "grad_theta_a", "grad_theta_b", "grad_bias"), needs):
+        if need:
+            results.append(check_close(getattr(grads, k), getattr(ref_g, k), getattr(base_g, k), k))
+    return results

@@ -1,0 +1,19 @@
+"""Test setup. Without a CUDA device the Triton kernels run under the Triton interpreter on CPU tensors,
+so TRITON_INTERPRET must be set before anything imports triton."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    torch.manual_seed(0)
+    yield

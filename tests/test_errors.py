@@ -1,0 +1,131 @@
+"""Bad input raises a ValueError / TypeError naming the argument and the sizes, before any computation."""
+
+import pytest
+import torch
+
+from condlora_kernels import BackendUnavailableError, FusedCondLoRALinear, condlora_linear
+from condlora_kernels.testing import make_problem
+
+
+def _call(x, w, b, ta, tb, scaling=1.0, **kw):
+    kw.setdefault("backend", "reference")
+    return condlora_linear(x, w, b, ta, tb, scaling, **kw)
+
+
+@pytest.fixture
+def paper():
+    return make_problem(4, 8, 8, 2, mode="paper")
+
+
+@pytest.fixture
+def general():
+    return make_problem(4, 6, 10, 2, mode="general")
+
+
+def test_x_last_dim(paper):
+    x = torch.randn(4, 7)
+    with pytest.raises(ValueError, match=r"x must have last dimension d_in=8.*\(4, 7\)"):
+        _call(x, *paper.tensors()[1:])
+
+
+def test_weight_not_2d(paper):
+    with pytest.raises(ValueError, match=r"weight must be 2-D"):
+        _call(paper.x, paper.weight[0], *paper.tensors()[2:])
+
+
+def test_bias_shape(paper):
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\).*\(5,\)"):
+        _call(paper.x, paper.weight, torch.randn(5), paper.theta_a, paper.theta_b)
+
+
+def test_theta_a_shape_general(general):
+    with pytest.raises(ValueError, match=r"theta_a must have shape \(2, 10\) in general mode.*\(2, 6\)"):
+        _call(general.x, general.weight, general.bias, torch.randn(2, 6), general.theta_b, mode="general")
+
+
+def test_theta_b_shape(paper):
+    with pytest.raises(ValueError, match=r"theta_b must have shape \(2, 8\).*\(3, 8\)"):
+        _call(*paper.tensors()[:4], torch.randn(3, 8))
+
+
+def test_paper_mode_needs_square(general):
+    with pytest.raises(ValueError, match=r"mode='paper' needs a square weight.*\(10, 6\)"):
+        _call(general.x, general.weight, general.bias, torch.randn(2, 6), general.theta_b, mode="paper")
+
+
+def test_rank_zero(paper):
+    with pytest.raises(ValueError, match=r"r \(rows of theta_a\) must be >= 1"):
+        _call(*paper.tensors()[:3], torch.randn(0, 8), torch.randn(0, 8))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_range(paper, p):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        _call(*paper.tensors(), dropout_p=p)
+
+
+def test_dropout_type(paper):
+    with pytest.raises(TypeError, match=r"dropout_p must be a float"):
+        _call(*paper.tensors(), dropout_p="0.1")
+
+
+def test_mismatched_dtypes(paper):
+    with pytest.raises(TypeError, match=r"theta_a has dtype torch.float64 but x has dtype torch.float32"):
+        _call(*paper.tensors()[:3], paper.theta_a.double(), paper.theta_b)
+
+
+def test_non_float(paper):
+    with pytest.raises(TypeError, match=r"x must be a floating tensor.*torch.int64"):
+        _call(paper.x.long(), *paper.tensors()[1:])
+
+
+def test_not_a_tensor(paper):
+    with pytest.raises(TypeError, match=r"theta_b must be a torch.Tensor, got list"):
+        _call(*paper.tensors()[:4], [[1.0]])
+
+
+def test_mismatched_devices(paper):
+    meta = paper.theta_b.to("meta")
+    with pytest.raises(ValueError, match=r"theta_b is on meta but x is on cpu"):
+        _call(*paper.tensors()[:4], meta)
+
+
+def test_unknown_mode_and_backend(paper):
+    with pytest.raises(ValueError, match=r"mode must be one of"):
+        _call(*paper.tensors(), mode="square")
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of"):
+        _call(*paper.tensors(), backend="fast")
+
+
+def test_bad_scaling(paper):
+    with pytest.raises(TypeError, match=r"scaling must be a finite float"):
+        _call(*paper.tensors(), scaling=float("inf"))
+
+
+def test_weight_requiring_grad(paper):
+    with pytest.raises(ValueError, match=r"weight requires grad"):
+        _call(paper.x, paper.weight.clone().requires_grad_(True), *paper.tensors()[2:])
+
+
+def test_env_override_validated(paper, monkeypatch):
+    monkeypatch.setenv("CONDLORA_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"CONDLORA_BACKEND must be"):
+        condlora_linear(*paper.tensors(), 1.0)
+
+
+def test_unavailable_backend_explains(paper):
+    # the CUDA backend can never run on CPU tensors; the message says why
+    with pytest.raises(BackendUnavailableError, match=r"backend='cuda' cannot run here"):
+        _call(*paper.tensors(), backend="cuda")
+
+
+def test_module_errors():
+    lin = torch.nn.Linear(6, 10)
+    with pytest.raises(ValueError, match=r"mode='paper' needs square layers"):
+        FusedCondLoRALinear.from_linear(lin, mode="paper")
+    with pytest.raises(ValueError, match=r"r must be >= 1"):
+        FusedCondLoRALinear.from_linear(lin, r=0)
+    with pytest.raises(TypeError, match=r"linear must be an nn.Linear"):
+        FusedCondLoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match=r"dropout_p must be in"):
+        FusedCondLoRALinear.from_linear(lin, dropout=1.0)

@@ -1,0 +1,123 @@
+"""CondLoRAGenerator and FusedCondLoRALinear: drop-in behaviour, initialisation, merge/unmerge, training."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from condlora_kernels import CondLoRAGenerator, FusedCondLoRALinear, reference
+
+
+def test_generator_init_as_paper_code():
+    torch.manual_seed(0)
+    g = CondLoRAGenerator(16, 16, r=4, mode="paper")
+    assert torch.count_nonzero(g.theta_b) == 0
+    bound = 1 / math.sqrt(16)  # kaiming_uniform(a=sqrt(5)) on fan_in=16
+    assert g.theta_a.abs().max() <= bound and g.theta_a.std() > bound / 4
+    gg = CondLoRAGenerator(6, 10, r=3, mode="general")
+    assert gg.theta_a.shape == (3, 10) and gg.theta_b.shape == (3, 6)
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (7, 13)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_frozen_layer_at_init(shape, bias):
+    lin = nn.Linear(*shape, bias=bias)
+    layer = FusedCondLoRALinear.from_linear(lin, r=4, alpha=8, backend="reference")
+    x = torch.randn(3, 5, shape[0])
+    torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0)
+    assert layer.weight is lin.weight and not layer.weight.requires_grad
+    assert (layer.in_features, layer.out_features) == (lin.in_features, lin.out_features)
+    assert layer.mode == ("paper" if shape[0] == shape[1] else "general")
+
+
+def test_constructor_like_nn_linear():
+    layer = FusedCondLoRALinear(9, 5, bias=False, r=2, backend="reference")
+    assert layer.bias is None and layer.weight.shape == (5, 9) and not layer.weight.requires_grad
+    assert layer(torch.randn(4, 9)).shape == (4, 5)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["generator.theta_a", "generator.theta_b"]
+
+
+def test_training_step_moves_only_theta():
+    torch.manual_seed(1)
+    lin = nn.Linear(8, 8)
+    layer = FusedCondLoRALinear.from_linear(lin, r=2, dropout=0.1, backend="reference")
+    w0 = layer.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):  # two steps: theta_b leaves zero, then theta_a gets a gradient too
+        opt.zero_grad()
+        layer(torch.randn(6, 8)).pow(2).sum().backward()
+        opt.step()
+    assert torch.equal(layer.weight, w0) and layer.weight.grad is None
+    assert torch.count_nonzero(layer.generator.theta_b) > 0
+
+
+def test_dropout_only_in_training():
+    lin = nn.Linear(8, 8)
+    layer = FusedCondLoRALinear.from_linear(lin, r=2, dropout=0.5, backend="reference")
+    nn.init.normal_(layer.generator.theta_b)
+    x = torch.randn(4, 8)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_unmerge_exact(dtype):
+    lin = nn.Linear(10, 10).to(dtype)
+    layer = FusedCondLoRALinear.from_linear(lin, r=3, alpha=6, backend="reference")
+    nn.init.normal_(layer.generator.theta_b)
+    x = torch.randn(5, 10, dtype=dtype)
+    before = layer(x)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged and not torch.equal(layer.weight, w0)
+    merged_out = layer(x)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(merged_out, before, rtol=tol, atol=tol)
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)  # bit for bit
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge()
+
+
+def test_to_linear_matches_module():
+    lin = nn.Linear(6, 9)
+    layer = FusedCondLoRALinear.from_linear(lin, r=2, backend="reference")
+    nn.init.normal_(layer.generator.theta_b)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(layer.to_linear()(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_generator_and_extra_repr():
+    g = CondLoRAGenerator(8, 8, r=2)
+    a = FusedCondLoRALinear.from_linear(nn.Linear(8, 8), r=2, generator=g, backend="reference")
+    b = FusedCondLoRALinear.from_linear(nn.Linear(8, 8), r=2, generator=g, backend="reference")
+    model = nn.Sequential(a, b)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 2 * 8
+    text = repr(a)
+    for field in ("in_features=8", "r=2", "alpha=8", "scaling=4", "mode=paper", "merged=False"):
+        assert field in text
+    with pytest.raises(ValueError, match="does not fit this layer"):
+        FusedCondLoRALinear.from_linear(nn.Linear(8, 8), r=4, generator=g)
+
+
+def test_half_precision_layers_keep_float32_generators():
+    layer = FusedCondLoRALinear.from_linear(nn.Linear(8, 8).to(torch.bfloat16), r=2, backend="reference")
+    assert layer.generator.theta_a.dtype == torch.float32
+    y = layer(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.generator.theta_a.grad.dtype == torch.float32
+
+
+def test_generator_forward_is_reference():
+    g = CondLoRAGenerator(6, 9, r=2, mode="general")
+    nn.init.normal_(g.theta_b)
+    w = torch.randn(9, 6)
+    a, b = g(w)
+    ra, rb = reference.generate_lora_weights(w, g.theta_a, g.theta_b, "general")
+    torch.testing.assert_close(a, ra)
+    torch.testing.assert_close(b, rb)
