@@ -66,17 +66,17 @@ def self_check() -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the rest is the bench CLI's (argparse.REMAINDER would reject `bench --quick`)
+        from condlora_kernels.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="condlora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("check", help="check every available backend against the reference (default)")
-    bench = sub.add_parser("bench", help="run the kernel and model benchmarks", add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        from condlora_kernels.bench.cli import main as bench_main
-
-        return bench_main(args.rest)
+    sub.add_parser("bench", help="run the kernel and model benchmarks (`condlora bench --help`)")
+    parser.parse_args(argv)
     return self_check()
 
 

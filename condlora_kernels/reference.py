@@ -13,9 +13,10 @@ Every fast path in this package is checked against these functions. Notation (DE
                u     = x_hat A^T                 (N, r), saved for the backward
                y     = x W0^T + b + s * u B^T
 
-The dropout mask is Philox4x32-10 of the element's flat index, keyed by a 64-bit seed, so the
-reference, the Triton kernels and the C++/CUDA kernels draw the very same mask and can be compared
-element for element, and the backward regenerates it instead of storing it.
+The dropout mask is Philox4x32-10 keyed by a 64-bit seed, 16 bits per element (one Philox call serves
+8 neighbouring elements of a row), so the reference, the Triton kernels and the C++/CUDA kernels draw
+the very same mask and can be compared element for element, and the backward regenerates it instead
+of storing it. See `dropout_draws` for the exact mapping.
 """
 
 from __future__ import annotations
@@ -81,10 +82,15 @@ def _mulhilo32(a: torch.Tensor, b: int):
 
 
 def philox_uint32(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """First 32-bit output of Philox4x32-10 at counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi).
+    """First 32-bit word of Philox4x32-10 at counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi)."""
+    return philox_uint32_x4(seed, offsets)[0]
 
-    `seed` is an int64 tensor with one element, `offsets` an int64 tensor of non-negative flat indices.
-    Returns uint32 values held in an int64 tensor. Same rounds as `triton.language.randint`.
+
+def philox_uint32_x4(seed: torch.Tensor, offsets: torch.Tensor):
+    """The four 32-bit words of Philox4x32-10 at counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi).
+
+    `seed` is an int64 tensor with one element, `offsets` an int64 tensor of non-negative counters.
+    Returns uint32 values held in int64 tensors. Same rounds as `triton.language.randint4x`.
     """
     seed = seed.reshape(()).to(torch.int64)
     k0 = seed & _U32
@@ -99,24 +105,48 @@ def philox_uint32(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + PHILOX_KEY_A) & _U32
         k1 = (k1 + PHILOX_KEY_B) & _U32
-    return c0
+    return c0, c1, c2, c3
+
+
+MASK_BITS = 16  # each element's draw is 16 bits: one Philox call serves 8 elements
+ELEMENTS_PER_DRAW = 8
 
 
 def dropout_threshold(p: float) -> int:
-    """An element is kept when the top 24 bits of its Philox draw are >= this threshold.
+    """An element is kept when its 16-bit draw is >= this threshold, t = round(p * 2^16).
 
-    The draw's top 24 bits, u24, are uniform on [0, 2^24); keeping u24 >= ceil(p * 2^24) keeps an
-    element with probability 1 - p (to 2^-24), and is integer arithmetic, so every backend agrees.
+    Integer arithmetic, so every backend agrees; the probability actually dropped is t / 2^16, within
+    2^-17 of p (FlashAttention quantises it more coarsely, to 8 bits).
     """
-    return math.ceil(p * (1 << 24))
+    return round(p * (1 << MASK_BITS))
+
+
+def dropout_keep_scale(p: float) -> float:
+    """1 / (1 - t / 2^16): the kept entries' scale that keeps x_hat unbiased for the quantised p."""
+    return 1.0 / (1.0 - dropout_threshold(p) / (1 << MASK_BITS))
+
+
+def dropout_draws(seed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """16-bit draws (in int64) for the elements (rows[:, None], cols[None, :]) of an (n, n_cols) matrix.
+
+    Element (row, col) takes half-word col % 8 of Philox counter row * ceil(n_cols / 8) + col // 8:
+    the four 32-bit words c0, c1, c2, c3 give half-words (c0 lo, c0 hi, c1 lo, c1 hi, c2 lo, ...).
+    The counter depends on (row, col) only, so a tile of any position computes its own draws.
+    """
+    groups = -(-n_cols // ELEMENTS_PER_DRAW)
+    counters = rows[:, None].to(torch.int64) * groups + (cols[None, :].to(torch.int64) // ELEMENTS_PER_DRAW)
+    words = philox_uint32_x4(seed, counters)
+    lane = cols[None, :] % ELEMENTS_PER_DRAW
+    word = torch.stack(words, dim=-1).gather(-1, (lane // 2).expand(counters.shape).unsqueeze(-1)).squeeze(-1)
+    return torch.where(lane % 2 == 0, word & 0xFFFF, word >> 16)
 
 
 def dropout_keep_mask(seed: torch.Tensor, n_rows: int, n_cols: int, p: float, device=None) -> torch.Tensor:
-    """Boolean keep mask M (n_rows, n_cols) for the element at (row, col) with flat index row * n_cols + col."""
+    """Boolean keep mask M (n_rows, n_cols): element (row, col) is kept when its draw >= dropout_threshold(p)."""
     device = seed.device if device is None else device
-    offsets = torch.arange(n_rows * n_cols, device=device, dtype=torch.int64).reshape(n_rows, n_cols)
-    draws = philox_uint32(seed.to(device), offsets)
-    return (draws >> 8) >= dropout_threshold(p)
+    rows = torch.arange(n_rows, device=device)
+    cols = torch.arange(n_cols, device=device)
+    return dropout_draws(seed.to(device), rows, cols, n_cols) >= dropout_threshold(p)
 
 
 def apply_dropout(x2d: torch.Tensor, seed: Optional[torch.Tensor], p: float) -> torch.Tensor:
@@ -124,7 +154,7 @@ def apply_dropout(x2d: torch.Tensor, seed: Optional[torch.Tensor], p: float) -> 
     if p == 0.0:
         return x2d
     keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
-    return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
+    return x2d * keep.to(x2d.dtype) * dropout_keep_scale(p)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -74,9 +74,9 @@ def test_general_mode_shapes():
 
 
 def test_philox_matches_known_answer():
-    """Philox4x32-10 known-answer vector (Random123 kat_vectors: ctr=0, key=0) -> first word 0x6627e8d5."""
-    out = reference.philox_uint32(torch.tensor([0], dtype=torch.int64), torch.tensor([0], dtype=torch.int64))
-    assert int(out) == 0x6627E8D5
+    """Philox4x32-10 known-answer vector (Random123 kat_vectors: ctr=0, key=0)."""
+    words = reference.philox_uint32_x4(torch.tensor([0], dtype=torch.int64), torch.tensor([0], dtype=torch.int64))
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     # ctr=(0xffffffff, 0xffffffff, 0, 0) is not a published vector; check the 64-bit offset split instead:
     # offsets that differ only above bit 32 must give different draws
     offs = torch.tensor([5, 5 + (1 << 32)], dtype=torch.int64)
@@ -96,11 +96,25 @@ def test_dropout_mask_rate_and_determinism(p):
     assert abs(keep - (1 - p)) < 4 * ((p * (1 - p) / m1.numel()) ** 0.5) + 1e-3
 
 
+def test_dropout_draw_layout():
+    """Element (row, col) is half-word col % 8 of counter row * ceil(n_cols / 8) + col // 8."""
+    seed = torch.tensor([9], dtype=torch.int64)
+    n_cols = 13  # not a multiple of 8: each row starts a fresh counter
+    draws = reference.dropout_draws(seed, torch.arange(3), torch.arange(n_cols), n_cols)
+    words = reference.philox_uint32_x4(seed, torch.tensor([2 * 2 + 1]))  # row 2, columns 8..15
+    assert int(draws[2, 8]) == int(words[0]) & 0xFFFF and int(draws[2, 9]) == int(words[0]) >> 16
+    assert int(draws[2, 12]) == int(words[2]) & 0xFFFF
+    # a tile computes its own draws: any sub-block equals the same block of the whole
+    sub = reference.dropout_draws(seed, torch.arange(1, 3), torch.arange(5, 13), n_cols)
+    assert torch.equal(sub, draws[1:3, 5:13])
+
+
 def test_dropout_scales_kept_entries():
     x = torch.randn(7, 9, dtype=F64)
     seed = torch.tensor([5], dtype=torch.int64)
     xh = reference.apply_dropout(x, seed, 0.25)
     keep = reference.dropout_keep_mask(seed, 7, 9, 0.25)
-    torch.testing.assert_close(xh[keep], x[keep] / 0.75)
+    torch.testing.assert_close(xh[keep], x[keep] * reference.dropout_keep_scale(0.25))
+    assert reference.dropout_keep_scale(0.25) == 1 / 0.75  # 0.25 is exact in 16 bits
     assert torch.all(xh[~keep] == 0)
     assert reference.apply_dropout(x, None, 0.0) is x

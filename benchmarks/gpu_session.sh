@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU session on the device machine (torch and triton preinstalled, no registry): install, GPU tests,
+# kernel measurements. Results land in $OUT. Usage: bash benchmarks/gpu_session.sh [tests] [explore] [explore-full] [cpp] [bench]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (pytest-xdist, ...)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+want() { [[ " $* " == *" $STEP "* ]]; }
+steps="$*"
+skip_ext=1; [[ " $steps " == *" cpp "* ]] && skip_ext=0
+start=$(date +%s)
+CONDLORA_SKIP_EXT=$skip_ext python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+  || { tail -30 "$OUT/install.log"; exit 1; }
+grep "condlora_kernels setup" "$OUT/install.log"
+echo "install: $(( $(date +%s) - start )) s"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for STEP in $steps; do
+  t0=$(date +%s)
+  case $STEP in
+    tests) timeout 300 python3 -m pytest tests/test_triton_backend.py -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_triton.log" | tail -15 ;;
+    cpp) timeout 300 python3 -m pytest tests/test_cpp_backend.py -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cpp.log" | tail -15 ;;
+    alltests) timeout 400 python3 -m pytest tests -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -15 ;;
+    explore) timeout 330 python3 benchmarks/triton_explore.py --quick --out "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -12 ;;
+    explore-full) timeout 500 python3 benchmarks/triton_explore.py --out "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -12 ;;
+    bench) python3 -m condlora_kernels bench --output "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+  esac
+  echo "step $STEP: $(( $(date +%s) - t0 )) s"
+done

@@ -1,0 +1,1 @@
+"""Fused Triton kernels (imported lazily by ops/backends.py: importing triton is slow)."""
