@@ -18,6 +18,7 @@ import glob
 import os
 import shutil
 import sys
+import time
 
 from setuptools import setup
 
@@ -39,21 +40,28 @@ def _default_max_jobs() -> int:
 
 
 def _find_cuda_home():
+    """The CUDA toolkit root, or None where there is no nvcc (torch's guess may be a folder without one)."""
     from torch.utils import cpp_extension
 
     home = cpp_extension.CUDA_HOME
-    if home is None and shutil.which("nvcc"):
+    if (home is None or not os.path.exists(os.path.join(home, "bin", "nvcc"))) and shutil.which("nvcc"):
         home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return None
     return home
 
 
-def _nvidia_pip_include_dirs():
+def _nvidia_pip_include_dirs(cuda_home):
     """Headers of the `nvidia-*` pip packages that a CUDA build of torch installs (cuBLAS, cuSPARSE, ...).
 
     A bare CUDA toolkit may lack the cuBLAS/cuSPARSE headers that ATen's CUDA headers include;
-    torch's own pip dependencies ship them.
+    torch's own pip dependencies ship them. csrc/ does not include those ATen headers, so these folders are
+    only a safety net: added only where the toolkit lacks cuBLAS, and after the toolkit's own include folder,
+    so that the toolkit's cuda_runtime.h (matching nvcc) wins over a pip copy of another CUDA version.
     """
-    dirs = []
+    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return []
+    dirs = [os.path.join(cuda_home, "include")]
     for site in sys.path:
         nv = os.path.join(site, "nvidia")
         if os.path.isdir(nv):
@@ -81,7 +89,13 @@ def _extensions():
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # no -std: torch's BuildExtension picks the standard its headers need (C++17 or C++20)
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without -fopenmp in *this* build it runs on one thread. The
+        # libgomp.so.1 this links against is the one torch has already loaded (same soname): one thread pool.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = []
     cuda_home = _find_cuda_home()
     with_cuda = (
@@ -98,9 +112,12 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             name="condlora_kernels._C",
             sources=cpu_sources + cuda_sources,
-            include_dirs=[os.path.join(HERE, "csrc")] + _nvidia_pip_include_dirs(),
+            include_dirs=[os.path.join(HERE, "csrc")] + _nvidia_pip_include_dirs(cuda_home),
             define_macros=define_macros + [("CONDLORA_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            # no --use_fast_math: the kernels are memory- and integer-bound, and IEEE division and denormals keep
+            # them within rounding of the reference
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
         what = f"CPU + CUDA kernels (arch {arch}, nvcc from {cuda_home})"
     else:
@@ -114,10 +131,24 @@ def _extensions():
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
         what = f"CPU kernels only ({why})"
-    _say(f"building condlora_kernels._C: {what}, torch {torch.__version__}, MAX_JOBS={os.environ['MAX_JOBS']}")
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    what = f"{what}, torch {torch.__version__}, MAX_JOBS={os.environ['MAX_JOBS']}"
+    return [ext], {"build_ext": _build_ext_reporting(cpp_extension.BuildExtension.with_options(use_ninja=True), what)}
+
+
+def _build_ext_reporting(build_ext, what: str):
+    """build_ext that prints one line saying what it built and how long it took (pip runs this file more than
+    once per install, so the line is printed by the build itself rather than when the file is read)."""
+
+    class BuildExtReporting(build_ext):
+        def run(self):
+            start = time.time()
+            super().run()
+            _say(f"built condlora_kernels._C: {what}, in {time.time() - start:.0f} s")
+
+    return BuildExtReporting
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,0 +1,325 @@
+// The CondLoRA ops: schemas (TORCH_LIBRARY), argument checks, and the forward and backward written once for
+// every device on top of ATen GEMMs. The device-specific kernels come in through DeviceKernels (condlora.h):
+// cpu_kernels.cpp registers the CPU implementations, cuda/cuda_ops.cpp the CUDA ones.
+#include "condlora.h"
+
+#include <ATen/core/enum_tag.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+
+namespace condlora {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Messages in Python's notation, so they read exactly as those of condlora_kernels/_validation.py
+// ---------------------------------------------------------------------------------------------------------------
+
+std::string py_tuple(at::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << (shape.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+std::string py_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(dtype);
+  }
+}
+
+// Python's repr of a float: the shortest form that reads back exactly, "1.0" rather than "1".
+std::string py_float(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  char buffer[32];
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buffer, sizeof(buffer), "%.*g", precision, value);
+    if (std::strtod(buffer, nullptr) == value) break;
+  }
+  std::string text(buffer);
+  if (text.find_first_of(".e") == std::string::npos) text += ".0";
+  return text;
+}
+
+std::string describe(const at::Tensor& t) {
+  return "shape " + py_tuple(t.sizes()) + ", dtype " + py_dtype(t.scalar_type()) + ", device " + t.device().str();
+}
+
+bool is_float_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
+}
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "paper") return Mode::kPaper;
+  TORCH_CHECK_VALUE(mode == "general", "mode must be one of ('paper', 'general'), got '", mode, "'");
+  return Mode::kGeneral;
+}
+
+void check_float_dtype(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), name,
+                   " must be a floating tensor (float16, bfloat16, float32 or float64), got ", py_dtype(t.scalar_type()));
+}
+
+// t must share the dtype and device of `like` (x in the forward and backward, weight in the generation).
+void check_same_dtype_and_device(const char* name, const at::Tensor& t, const at::Tensor& like,
+                                 const char* like_name = "x") {
+  check_float_dtype(name, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " has dtype ", py_dtype(t.scalar_type()), " but ",
+                   like_name, " has dtype ", py_dtype(like.scalar_type()), ": all tensors must share one dtype");
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device().str(), " but ", like_name, " is on ",
+                    like.device().str(), ": all tensors must be on one device");
+}
+
+// weight, theta_a and theta_b: 2-D, with the shapes the mode asks for; returns r.
+int64_t check_weight_and_generators(const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
+                                    Mode mode, const std::string& mode_name) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (d_out, d_in), got ", describe(weight));
+  const int64_t d_out = weight.size(0), d_in = weight.size(1);
+  TORCH_CHECK_VALUE(d_out >= 1 && d_in >= 1, "weight must have d_out >= 1 and d_in >= 1, got ", py_tuple(weight.sizes()));
+  TORCH_CHECK_VALUE(theta_a.dim() == 2 && theta_b.dim() == 2, "theta_a and theta_b must be 2-D (r, d), got ",
+                    py_tuple(theta_a.sizes()), " and ", py_tuple(theta_b.sizes()));
+  const int64_t r = theta_a.size(0);
+  TORCH_CHECK_VALUE(r >= 1, "r (rows of theta_a) must be >= 1, got theta_a ", py_tuple(theta_a.sizes()));
+  TORCH_CHECK_VALUE(mode != Mode::kPaper || d_out == d_in,
+                    "mode='paper' needs a square weight (A = theta_a W0^T has d_out columns), got weight ",
+                    py_tuple(weight.sizes()), "; use mode='general' for non-square layers");
+  const int64_t theta_a_cols = mode == Mode::kPaper ? d_in : d_out;
+  TORCH_CHECK_VALUE(theta_a.size(1) == theta_a_cols, "theta_a must have shape ", py_tuple({r, theta_a_cols}), " in ",
+                    mode_name, " mode for weight ", py_tuple(weight.sizes()), ", got ", py_tuple(theta_a.sizes()));
+  TORCH_CHECK_VALUE(theta_b.size(0) == r && theta_b.size(1) == d_in, "theta_b must have shape ", py_tuple({r, d_in}),
+                    " (r from theta_a, d_in from weight ", py_tuple(weight.sizes()), "), got ",
+                    py_tuple(theta_b.sizes()));
+  return r;
+}
+
+void check_shape(const char* name, const at::Tensor& t, std::initializer_list<int64_t> want, const char* what) {
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), name, " must have shape ", py_tuple(want), " (", what,
+                    "), got ", py_tuple(t.sizes()));
+}
+
+}  // namespace
+
+void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const at::Device& device) {
+  if (!seed.has_value()) {
+    TORCH_CHECK_VALUE(dropout_p == 0.0, "seed must be given when dropout_p > 0 (got dropout_p=", py_float(dropout_p),
+                      " and no seed)");
+    return;
+  }
+  TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong && seed->numel() == 1,
+                   "seed must be an int64 tensor with one element, got ", describe(*seed));
+  TORCH_CHECK_VALUE(seed->device() == device, "seed is on ", seed->device().str(), " but x is on ", device.str());
+}
+
+Sizes check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
+                         const std::optional<at::Tensor>& seed, const std::string& mode_name) {
+  check_float_dtype("x", x);
+  const Mode mode = parse_mode(mode_name);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
+  TORCH_CHECK_TYPE(std::isfinite(scaling), "scaling must be a finite float (alpha / r), got ", py_float(scaling));
+  check_same_dtype_and_device("weight", weight, x);
+  check_same_dtype_and_device("theta_a", theta_a, x);
+  check_same_dtype_and_device("theta_b", theta_b, x);
+  if (bias.has_value()) check_same_dtype_and_device("bias", *bias, x);
+
+  const int64_t r = check_weight_and_generators(weight, theta_a, theta_b, mode, mode_name);
+  const int64_t d_out = weight.size(0), d_in = weight.size(1);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, d_in) for the condlora_C ops (condlora_linear flattens the ",
+                    "leading dimensions), got ", describe(x));
+  TORCH_CHECK_VALUE(x.size(1) == d_in, "x must have last dimension d_in=", d_in, " (weight is ", py_tuple(weight.sizes()),
+                    "), got x ", py_tuple(x.sizes()));
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d_out, "bias must have shape (", d_out,
+                      ",) to match weight ", py_tuple(weight.sizes()), ", got ", py_tuple(bias->sizes()));
+  }
+  check_seed(seed, dropout_p, x.device());
+  return Sizes{x.size(0), d_in, d_out, r, mode};
+}
+
+Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u,
+                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
+                          const std::optional<at::Tensor>& seed, const std::string& mode) {
+  const Sizes sz = check_forward_args(x, weight, std::nullopt, theta_a, theta_b, scaling, dropout_p, seed, mode);
+  check_same_dtype_and_device("grad_y", grad_y, x);
+  check_same_dtype_and_device("u", u, x);
+  check_same_dtype_and_device("lora_a", lora_a, x);
+  check_same_dtype_and_device("lora_b", lora_b, x);
+  check_shape("grad_y", grad_y, {sz.n_rows, sz.d_out}, "N, d_out");
+  check_shape("u", u, {sz.n_rows, sz.r}, "N, r");
+  check_shape("lora_a", lora_a, {sz.r, sz.d_in}, "r, d_in");
+  check_shape("lora_b", lora_b, {sz.d_out, sz.r}, "d_out, r");
+  return sz;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Generation, forward and backward: the chain rule, written once for every device
+// ---------------------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> generate_lora_weights(const at::Tensor& weight, const at::Tensor& theta_a,
+                                                         const at::Tensor& theta_b, const std::string& mode_name) {
+  check_float_dtype("weight", weight);
+  check_same_dtype_and_device("theta_a", theta_a, weight, "weight");
+  check_same_dtype_and_device("theta_b", theta_b, weight, "weight");
+  const Mode mode = parse_mode(mode_name);
+  const int64_t r = check_weight_and_generators(weight, theta_a, theta_b, mode, mode_name);
+  if (mode == Mode::kPaper) {
+    // A = theta_a W0^T and B^T = theta_b W0^T both multiply W0^T: one GEMM reads W0 once for both.
+    const at::Tensor stacked = at::mm(at::cat({theta_a, theta_b}), weight.t());  // (2r, d) = [A; B^T]
+    return {stacked.narrow(0, 0, r), stacked.narrow(0, r, r).t().contiguous()};
+  }
+  return {at::mm(theta_a, weight).contiguous(), at::mm(weight, theta_b.t()).contiguous()};
+}
+
+namespace {
+
+// With no dropout the low-rank term folds into the weight, x W0^T + s (x A^T) B^T = x (W0 + s B A)^T, and likewise
+// dx = dy W0 + s (dy B) A = dy (W0 + s B A). Building W0 + s B A is one pass over d_out x d_in elements; the
+// unfolded form costs passes over N x d_out (forward) or N x d_in (backward): fold when N is the larger.
+bool fold_into_weight(const Sizes& sz, double dropout_p) {
+  return dropout_p == 0.0 && sz.n_rows >= std::max(sz.d_in, sz.d_out);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
+    const DeviceKernels& kernels, const at::Tensor& x_in, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode) {
+  const Sizes sz = check_forward_args(x_in, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode);
+  const at::Tensor x = x_in.contiguous();
+  auto [lora_a, lora_b] = generate_lora_weights(weight, theta_a, theta_b, mode);
+
+  // u = x_hat A^T (N, r): saved for the backward (dB = s dy^T u), so computed even when y does not need it
+  const at::Tensor u = dropout_p > 0.0 ? kernels.dropout_project(x, lora_a, *seed, dropout_p)
+                                       : at::mm(x, lora_a.t()).contiguous();
+
+  at::Tensor y;
+  if (fold_into_weight(sz, dropout_p)) {
+    const at::Tensor merged = at::addmm(weight, lora_b, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
+    y = bias.has_value() ? at::addmm(*bias, x, merged.t()) : at::mm(x, merged.t());
+  } else {
+    // y = (x W0^T + b) + s u B^T: the rank-r GEMM adds onto the frozen GEMM's output (beta = 1, K = r). The other
+    // order, y = (b + s u B^T) + x W0^T with the frozen GEMM accumulating in its epilogue, would save a read of y,
+    // but a GEMM library may add C into a split-K reduction step by step (CPU BLAS does, block by block along K),
+    // which costs accuracy when C is as large as the result.
+    y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    y.addmm_(u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  }
+  return {y, u, lora_a, lora_b};
+}
+
+// The backward (DESIGN.md §2), with x_hat = x * M / (1 - p), u = x_hat A^T:
+//
+//   v        = dy B                                  (N, r)
+//   dx       = dy W0 + s * (v A) * M / (1 - p)        (N, d_in)
+//   dA       = s * v^T x_hat                          (r, d_in)    reduction over tokens (fp32)
+//   dB^T     = s * u^T dy                             (r, d_out)   reduction over tokens (fp32)
+//   db       = sum over rows of dy                    (d_out,)     reduction over tokens (fp32)
+//   dtheta_a = dA W0   (paper)   |   dA W0^T  (general)
+//   dtheta_b = dB^T W0
+//
+// Passes over the N-sized tensors: dy is read by the v GEMM, the dx GEMM and one pass for dB^T and db; x is read
+// once, by the pass that yields dA and adds the low-rank term to dx (drawing the mask once per element). Without
+// dropout and with N >= d, dx = dy (W0 + s B A) instead: one GEMM, no pass adding a low-rank term.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
+    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u_in, const at::Tensor& lora_a_in,
+    const at::Tensor& lora_b_in, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    const std::string& mode, std::array<bool, 4> needs) {
+  const Sizes sz = check_backward_args(grad_y, x_in, weight, theta_a, theta_b, u_in, lora_a_in, lora_b_in, scaling,
+                                       dropout_p, seed, mode);
+  const auto [need_x, need_theta_a, need_theta_b, need_bias] = needs;
+  const at::Tensor dy = grad_y.contiguous(), x = x_in.contiguous(), u = u_in.contiguous();
+  const at::Tensor lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous();
+  const auto options = x.options();
+  const int64_t r = sz.r;
+  const bool paper = sz.mode == Mode::kPaper;
+
+  // dA and dB^T; in paper mode both theta gradients multiply W0 from the right, so they share one (2r, d) buffer
+  // and one GEMM [dA; dB^T] W0 reads W0 once for both.
+  const bool stack_ab = paper && need_theta_a && need_theta_b;
+  at::Tensor stacked_ab, grad_a, grad_b_t, grad_bias;
+  if (stack_ab) {
+    stacked_ab = at::empty({2 * r, sz.d_in}, options);
+    grad_a = stacked_ab.narrow(0, 0, r);
+    grad_b_t = stacked_ab.narrow(0, r, r);
+  } else {
+    if (need_theta_a) grad_a = at::empty({r, sz.d_in}, options);
+    if (need_theta_b) grad_b_t = at::empty({r, sz.d_out}, options);
+  }
+  if (need_bias) grad_bias = at::empty({sz.d_out}, options);
+
+  const bool fold = need_x && fold_into_weight(sz, dropout_p);
+  at::Tensor v;  // dy B (N, r), with B read as the transpose of a contiguous B^T: MKL's skinny GEMM is ~2x faster
+  if (need_theta_a || (need_x && !fold)) v = at::mm(dy, lora_b.t().contiguous().t());
+
+  at::Tensor grad_x;
+  bool grad_a_done = false;
+  if (need_x) {
+    if (fold) {
+      grad_x = at::mm(dy, at::addmm(weight, lora_b, lora_a, /*beta=*/1.0, /*alpha=*/scaling));
+    } else {
+      // the frozen GEMM first, then the pass over x (which also yields dA) adds E = s (v A) * M / (1 - p) to it
+      grad_x = at::mm(dy, weight);
+      kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, grad_a, grad_x);
+    }
+    grad_a_done = !fold;
+  }
+  if (need_theta_a && !grad_a_done) {
+    kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, grad_a, at::Tensor());
+  }
+  if (need_theta_b || need_bias) kernels.dy_pass(dy, u, scaling, grad_b_t, grad_bias);
+
+  at::Tensor grad_theta_a, grad_theta_b;
+  if (stack_ab) {
+    const at::Tensor both = at::mm(stacked_ab, weight);  // [dA W0; dB^T W0]
+    grad_theta_a = both.narrow(0, 0, r);
+    grad_theta_b = both.narrow(0, r, r).clone();  // outputs must not share storage
+  } else {
+    if (need_theta_a) grad_theta_a = at::mm(grad_a, paper ? weight : weight.t());
+    if (need_theta_b) grad_theta_b = at::mm(grad_b_t, weight);
+  }
+  // custom ops cannot return None: a gradient that was not asked for is an empty tensor
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, options); };
+  return {or_empty(grad_x), or_empty(grad_theta_a), or_empty(grad_theta_b), or_empty(grad_bias)};
+}
+
+}  // namespace condlora
+
+// ---------------------------------------------------------------------------------------------------------------
+// Schemas: defined once here; cpu_kernels.cpp and cuda/cuda_ops.cpp register one implementation per dispatch key,
+// condlora_kernels/kernels/cpp.py the fake (shape-only) implementations for torch.compile.
+// ---------------------------------------------------------------------------------------------------------------
+
+TORCH_LIBRARY(condlora_C, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("generate_lora_weights(Tensor weight, Tensor theta_a, Tensor theta_b, str mode) -> (Tensor lora_a, Tensor lora_b)",
+        tags);
+  m.def(
+      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor theta_a, Tensor theta_b, float scaling, float dropout_p, "
+      "Tensor? seed, str mode) -> (Tensor y, Tensor u, Tensor lora_a, Tensor lora_b)",
+      tags);
+  m.def(
+      "backward(Tensor grad_y, Tensor x, Tensor weight, Tensor theta_a, Tensor theta_b, Tensor u, Tensor lora_a, "
+      "Tensor lora_b, float scaling, float dropout_p, Tensor? seed, str mode, bool[4] needs) "
+      "-> (Tensor grad_x, Tensor grad_theta_a, Tensor grad_theta_b, Tensor grad_bias)",
+      tags);
+  m.def("dropout_keep_mask(Tensor seed, int n_rows, int n_cols, float dropout_p) -> Tensor", tags);
+}

@@ -1,0 +1,75 @@
+// CondLoRA ops of the extension condlora_kernels._C: what the CPU and the CUDA implementations share.
+//
+//   W0 (d_out, d_in) frozen weight      theta_a, theta_b  shared generators      s = alpha / r
+//   paper mode   (square W0): A = theta_a W0^T,  B = W0 theta_b^T       A (r, d_in), B (d_out, r)
+//   general mode (any W0):    A = theta_a W0,    B = W0 theta_b^T
+//   forward:  x_hat = x * M / (1 - p),  u = x_hat A^T  (N, r),  y = x W0^T + b + s * u B^T
+//
+// The chain rule (forward, backward) is written once, in condlora.cpp, on top of ATen GEMMs (cuBLAS on CUDA,
+// MKL/oneDNN on CPU). Each device supplies the few kernels that no GEMM library fuses: the passes that
+// regenerate the Philox dropout mask and the reductions over tokens (struct DeviceKernels below).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace condlora {
+
+enum class Mode { kPaper, kGeneral };
+
+// Problem sizes of one call: N tokens (rows of the 2-D x), d_in, d_out, rank r.
+struct Sizes {
+  int64_t n_rows, d_in, d_out, r;
+  Mode mode;
+};
+
+// Argument checks with the wording of condlora_kernels/_validation.py (TypeError / ValueError as there).
+Sizes check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
+                         const std::optional<at::Tensor>& seed, const std::string& mode);
+Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u,
+                          const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
+                          const std::optional<at::Tensor>& seed, const std::string& mode);
+void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const at::Device& device);
+
+// The device-specific kernels the shared forward and backward call. Every tensor is contiguous and on one device;
+// outputs are preallocated (an undefined tensor means "not needed") and are overwritten, except grad_x.
+struct DeviceKernels {
+  // u = x_hat A^T (N, r) for dropout_p > 0, without keeping x_hat.
+  at::Tensor (*dropout_project)(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& seed,
+                                double dropout_p);
+  // One pass over x in the backward, the mask drawn once per element (no mask when dropout_p == 0):
+  //   grad_a   (r, d_in)  = s * v^T x_hat                  reduction over tokens, accumulated in fp32
+  //   grad_x   (N, d_in) += s * (v A) * M / (1 - p)         the low-rank term of dx, added to dy W0
+  void (*x_pass)(const at::Tensor& x, const at::Tensor& v, const at::Tensor& lora_a,
+                 const std::optional<at::Tensor>& seed, double dropout_p, double scaling, const at::Tensor& grad_a,
+                 const at::Tensor& grad_x);
+  // One pass over dy in the backward (reductions over tokens, accumulated in fp32):
+  //   grad_b_t (r, d_out) = s * u^T dy,   grad_bias (d_out,) = sum over rows of dy
+  void (*dy_pass)(const at::Tensor& grad_y, const at::Tensor& u, double scaling, const at::Tensor& grad_b_t,
+                  const at::Tensor& grad_bias);
+};
+
+// (lora_a, lora_b) = (A, B), contiguous, in W0's dtype.
+std::tuple<at::Tensor, at::Tensor> generate_lora_weights(const at::Tensor& weight, const at::Tensor& theta_a,
+                                                         const at::Tensor& theta_b, const std::string& mode);
+
+// (y, u, lora_a, lora_b) for a 2-D x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
+    const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode);
+
+// (grad_x, grad_theta_a, grad_theta_b, grad_bias); a gradient not in `needs` comes back as an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
+    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    const std::string& mode, std::array<bool, 4> needs);
+
+}  // namespace condlora

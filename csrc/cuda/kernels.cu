@@ -1,0 +1,380 @@
+// Hand-written CUDA kernels of the CondLoRA ops: what cuBLAS cannot fuse. The GEMMs (generation of A and B, the
+// frozen GEMM, the rank-r products) run through ATen/cuBLAS in cuda_ops.cpp; these kernels do
+//   - the Philox dropout mask (one call per 8 elements), drawn from a seed read from device memory (so CUDA graphs
+//     replay correctly),
+//   - the reductions over tokens (dA, dB, db) with fp32 accumulators, fused with the mask and with the low-rank
+//     term of dx, so that the backward reads x once and dy once for all of them.
+// Every index is int64; every launch goes to the stream and device the caller (cuda_ops.cpp) passes.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "../philox.h"
+#include "kernels.cuh"
+
+namespace condlora {
+namespace cuda {
+namespace {
+
+// fp32 accumulation for the half types and float, fp64 for double
+template <typename T>
+struct AccumulateType {
+  using type = float;
+};
+template <>
+struct AccumulateType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccumulateType<T>::type;
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t min_int64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Calls fn(T{}) with T the CUDA type of dtype.
+template <typename Fn>
+cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kHalf: return fn(__half{});
+    case DType::kBFloat16: return fn(__nv_bfloat16{});
+    case DType::kFloat: return fn(float{});
+    case DType::kDouble: return fn(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Elementwise: the mask, and x * mask / (1 - p). One thread per group of 8 columns of a row, the elements that share
+// a Philox call (philox.h); the group's flat counter row * ceil(n_cols / 8) + col / 8 is the grid-stride index itself.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kElementwiseThreads = 256;
+
+// Grid-stride launches: enough blocks to fill any GPU, few enough that each thread draws several groups.
+unsigned elementwise_blocks(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kElementwiseThreads), 1 << 16)));
+}
+
+// The 8 elements of a group, loaded and stored as one vector where the row length is a multiple of 8 and the
+// pointers are aligned (then every group is): 16-byte accesses instead of eight 2-byte ones.
+template <typename T>
+struct alignas(sizeof(T) * kDropoutGroup < 16 ? sizeof(T) * kDropoutGroup : 16) Group {
+  T v[kDropoutGroup];
+};
+
+template <typename T>
+bool group_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(Group<T>) == 0;
+}
+
+__global__ void dropout_keep_mask_kernel(const int64_t* __restrict__ seed_ptr, int64_t n_rows, int64_t n_cols,
+                                         uint32_t threshold, bool vectorized, bool* __restrict__ out) {
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
+  const int64_t groups_per_row = ceil_div(n_cols, kDropoutGroup), n_groups = n_rows * groups_per_row;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
+    const int64_t row = g / groups_per_row, col = (g - row * groups_per_row) * kDropoutGroup;
+    const uint32_t bits = dropout_keep_bits(seed, static_cast<uint64_t>(g), threshold);
+    bool* group_out = out + row * n_cols + col;
+    if (vectorized) {
+      Group<bool> keep;
+#pragma unroll
+      for (int j = 0; j < kDropoutGroup; ++j) keep.v[j] = (bits >> j) & 1u;
+      *reinterpret_cast<Group<bool>*>(group_out) = keep;
+    } else {
+      for (int j = 0; j < kDropoutGroup && col + j < n_cols; ++j) group_out[j] = (bits >> j) & 1u;
+    }
+  }
+}
+
+// dst = (accumulate ? dst : 0) + (src * keep) * keep_scale, in the accumulation type and rounded once: in the half
+// types this is exactly the reference's x * keep * (1 / (1 - p)), NaN and inf of dropped elements included. src and
+// dst may alias, hence no __restrict__.
+template <typename T>
+__global__ void dropout_scale_kernel(const T* src, T* dst, int64_t n_rows, int64_t n_cols,
+                                     const int64_t* __restrict__ seed_ptr, uint32_t threshold, acc_t<T> keep_scale,
+                                     bool accumulate, bool vectorized) {
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
+  const int64_t groups_per_row = ceil_div(n_cols, kDropoutGroup), n_groups = n_rows * groups_per_row;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
+    const int64_t row = g / groups_per_row, col = (g - row * groups_per_row) * kDropoutGroup;
+    const uint32_t bits = dropout_keep_bits(seed, static_cast<uint64_t>(g), threshold);
+    const int64_t first = row * n_cols + col;
+    if (vectorized) {
+      const Group<T> in = *reinterpret_cast<const Group<T>*>(src + first);
+      Group<T> out;
+      if (accumulate) out = *reinterpret_cast<const Group<T>*>(dst + first);
+#pragma unroll
+      for (int j = 0; j < kDropoutGroup; ++j) {
+        const acc_t<T> before = accumulate ? to_acc(out.v[j]) : acc_t<T>(0);
+        out.v[j] = from_acc<T>(before + (to_acc(in.v[j]) * acc_t<T>((bits >> j) & 1u)) * keep_scale);
+      }
+      *reinterpret_cast<Group<T>*>(dst + first) = out;
+    } else {
+      for (int j = 0; j < kDropoutGroup && col + j < n_cols; ++j) {
+        const acc_t<T> before = accumulate ? to_acc(dst[first + j]) : acc_t<T>(0);
+        dst[first + j] = from_acc<T>(before + (to_acc(src[first + j]) * acc_t<T>((bits >> j) & 1u)) * keep_scale);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reductions over tokens, fused with the mask and the low-rank term of dx (see TokenReduceArgs in kernels.cuh)
+//
+// Layout: one thread per column c of z, one block per 128 columns and one row split (gridDim.y). Each thread keeps
+// its column's r accumulators (and column c of lora_a, for the epilogue) in registers and walks down the rows of
+// its split; the rows' weights w[n, :] are staged in shared memory, 32 rows at a time, and read by all threads as
+// broadcasts, next to the keep bits of those rows (one Philox call per 8 columns, drawn by one thread for its 8
+// neighbours). A warp reads 32 consecutive elements of a row (coalesced), and each element of z is read once for
+// all r outputs, the column sum and the epilogue. The per-split sums go to a workspace that sum_partials adds up in
+// a fixed order: no atomics, deterministic results.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kReduceThreads = 128;
+constexpr int kStageRows = 32;  // rows of w staged in shared memory at a time
+// Rows of z loaded together: a thread's loads are only 2-8 bytes, so several must be in flight per warp to cover
+// the HBM latency (an H100 needs ~14 KB in flight per SM to stream at 3 TB/s).
+constexpr int kRowUnroll = 8;
+
+template <typename T, int R>
+__global__ void __launch_bounds__(kReduceThreads) token_reduce_kernel(TokenReduceArgs args) {
+  using acc = acc_t<T>;
+  constexpr int kGroupsPerBlock = kReduceThreads / kDropoutGroup;
+  __shared__ acc w_stage[kStageRows][R];
+  __shared__ uint8_t keep_stage[kStageRows][kGroupsPerBlock];  // bit j of [row][g]: column 8 g + j of the block
+
+  const T* __restrict__ z = static_cast<const T*>(args.z);
+  const T* __restrict__ w = static_cast<const T*>(args.w);
+  const int64_t n_rows = args.n_rows, n_cols = args.n_cols;
+  const int r = args.r;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
+  const bool active = col < n_cols;
+  const int64_t rows_per_split = ceil_div(n_rows, args.splits);
+  const int64_t row_begin = min_int64(n_rows, static_cast<int64_t>(blockIdx.y) * rows_per_split);
+  const int64_t row_end = min_int64(n_rows, row_begin + rows_per_split);
+
+  const bool dropout = args.seed != nullptr;
+  const bool reduce = args.partial != nullptr;
+  const bool column_sum = args.partial_colsum != nullptr;
+  T* __restrict__ epilogue_out = static_cast<T*>(args.epilogue_out);
+  const uint64_t seed = dropout ? static_cast<uint64_t>(*args.seed) : 0;
+  const acc keep_scale = static_cast<acc>(args.keep_scale);
+  const acc epilogue_scale = static_cast<acc>(args.epilogue_scale);
+
+  acc sums[R];
+  acc a_col[R];  // column `col` of lora_a, for the epilogue
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    sums[k] = 0;
+    a_col[k] = (epilogue_out != nullptr && active && k < r)
+                   ? to_acc(static_cast<const T*>(args.lora_a)[k * n_cols + col])
+                   : acc(0);
+  }
+  acc colsum = 0, colsum_compensation = 0;
+
+  for (int64_t stage = row_begin; stage < row_end; stage += kStageRows) {
+    const int rows = static_cast<int>(min_int64(kStageRows, row_end - stage));
+    __syncthreads();  // every thread is done with the previous stage
+    for (int i = threadIdx.x; i < kStageRows * R; i += kReduceThreads) {
+      const int row = i / R, k = i % R;  // ranks past r are zero, so the loops below run over all R
+      w_stage[row][k] = (row < rows && k < r) ? to_acc(w[(stage + row) * r + k]) : acc(0);
+    }
+    if (dropout) {
+      for (int i = threadIdx.x; i < kStageRows * kGroupsPerBlock; i += kReduceThreads) {
+        const int row = i / kGroupsPerBlock, g = i % kGroupsPerBlock;
+        const int64_t group = static_cast<int64_t>(blockIdx.x) * kGroupsPerBlock + g;
+        const bool inside = row < rows && group * kDropoutGroup < n_cols;
+        keep_stage[row][g] = inside ? static_cast<uint8_t>(dropout_keep_bits(
+                                          seed, dropout_counter(stage + row, group, n_cols), args.threshold))
+                                    : uint8_t(0);
+      }
+    }
+    __syncthreads();
+    if (!active) continue;
+
+    for (int row0 = 0; row0 < rows; row0 += kRowUnroll) {
+      // rows past `rows` read as zero (their w_stage rows are zero too), so the chunk loops need no bounds
+      acc z_values[kRowUnroll], keep[kRowUnroll], z_masked[kRowUnroll];
+#pragma unroll
+      for (int j = 0; j < kRowUnroll; ++j) {
+        z_values[j] = row0 + j < rows ? to_acc(z[(stage + row0 + j) * n_cols + col]) : acc(0);
+      }
+#pragma unroll
+      for (int j = 0; j < kRowUnroll; ++j) {
+        keep[j] = dropout ? static_cast<acc>((keep_stage[row0 + j][threadIdx.x / kDropoutGroup] >> (threadIdx.x % kDropoutGroup)) & 1u)
+                          : acc(1);
+        z_masked[j] = dropout ? (z_values[j] * keep[j]) * keep_scale : z_values[j];
+      }
+      // Two-level sums: each chunk of kRowUnroll rows is summed on its own, then added to the running total, so the
+      // rounding error grows with sqrt(rows / kRowUnroll) rather than sqrt(rows) (the reference's GEMMs and sums
+      // are blocked too).
+      if (reduce) {
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+          acc chunk = 0;
+#pragma unroll
+          for (int j = 0; j < kRowUnroll; ++j) chunk += w_stage[row0 + j][k] * z_masked[j];
+          sums[k] += chunk;
+        }
+      }
+      if (column_sum) {  // the bias gradient: compensated (Kahan) running total, as exact as torch's tree sums
+        acc chunk = 0;
+#pragma unroll
+        for (int j = 0; j < kRowUnroll; ++j) chunk += z_values[j];
+        const acc corrected = chunk - colsum_compensation;
+        const acc total = colsum + corrected;
+        colsum_compensation = (total - colsum) - corrected;
+        if (!isfinite(colsum_compensation)) colsum_compensation = 0;  // an inf in dy: keep inf, not inf - inf = NaN
+        colsum = total;
+      }
+      if (epilogue_out != nullptr) {
+#pragma unroll
+        for (int j = 0; j < kRowUnroll; ++j) {
+          if (row0 + j >= rows) break;
+          const int64_t index = (stage + row0 + j) * n_cols + col;
+          acc lowrank = 0;
+#pragma unroll
+          for (int k = 0; k < R; ++k) lowrank += w_stage[row0 + j][k] * a_col[k];
+          const acc lowrank_masked = dropout ? (lowrank * keep[j]) * keep_scale : lowrank;
+          epilogue_out[index] = from_acc<T>(to_acc(epilogue_out[index]) + epilogue_scale * lowrank_masked);
+        }
+      }
+    }
+  }
+
+  if (!active) return;
+  if (reduce) {
+    acc* partial = static_cast<acc*>(args.partial);
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k < r) partial[(static_cast<int64_t>(blockIdx.y) * r + k) * n_cols + col] = sums[k];
+    }
+  }
+  if (column_sum) static_cast<acc*>(args.partial_colsum)[static_cast<int64_t>(blockIdx.y) * n_cols + col] = colsum;
+}
+
+template <typename T>
+__global__ void sum_partials_kernel(const acc_t<T>* __restrict__ partial, int splits, int64_t m, acc_t<T> scale,
+                                    T* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < m; i += stride) {
+    acc_t<T> total = 0;
+    for (int s = 0; s < splits; ++s) total += partial[s * m + i];
+    out[i] = from_acc<T>(scale * total);
+  }
+}
+
+int multiprocessor_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};  // benign race: every thread writes the same value
+  if (device >= 0 && device < kMaxDevices && counts[device] > 0) return counts[device];
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
+    (void)cudaGetLastError();  // clear the error; a guess of 132 SMs only changes the grid shape
+    count = 132;
+  }
+  if (device >= 0 && device < kMaxDevices) counts[device] = count;
+  return count;
+}
+
+// Calls fn(kernel) with the token_reduce_kernel instantiation for dtype and rank r: the rank rounded up to a
+// compiled size, since the per-thread accumulators are registers and R must be a constant.
+template <typename Fn>
+cudaError_t with_token_reduce_kernel(DType dtype, int r, Fn&& fn) {
+  return dispatch_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    if (r <= 8) return fn(token_reduce_kernel<T, 8>);
+    if (r <= 16) return fn(token_reduce_kernel<T, 16>);
+    if (r <= 32) return fn(token_reduce_kernel<T, 32>);
+    return fn(token_reduce_kernel<T, 64>);
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------------------------
+
+cudaError_t launch_dropout_keep_mask(const int64_t* seed, int64_t n_rows, int64_t n_cols, uint32_t threshold,
+                                     bool* out, cudaStream_t stream) {
+  const int64_t n_groups = n_rows * ceil_div(n_cols, kDropoutGroup);
+  if (n_groups == 0) return cudaSuccess;
+  const bool vectorized = n_cols % kDropoutGroup == 0 && group_aligned<bool>(out);
+  dropout_keep_mask_kernel<<<elementwise_blocks(n_groups), kElementwiseThreads, 0, stream>>>(
+      seed, n_rows, n_cols, threshold, vectorized, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dropout_scale(DType dtype, const void* src, void* dst, int64_t n_rows, int64_t n_cols,
+                                 const int64_t* seed, uint32_t threshold, double keep_scale, bool accumulate,
+                                 cudaStream_t stream) {
+  const int64_t n_groups = n_rows * ceil_div(n_cols, kDropoutGroup);
+  if (n_groups == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    const bool vectorized = n_cols % kDropoutGroup == 0 && group_aligned<T>(src) && group_aligned<T>(dst);
+    dropout_scale_kernel<T><<<elementwise_blocks(n_groups), kElementwiseThreads, 0, stream>>>(
+        static_cast<const T*>(src), static_cast<T*>(dst), n_rows, n_cols, seed, threshold,
+        static_cast<acc_t<T>>(keep_scale), accumulate, vectorized);
+    return cudaGetLastError();
+  });
+}
+
+int token_reduce_splits(DType dtype, int r, int64_t n_rows, int64_t n_cols, int device) {
+  // As many blocks as can be resident at once (one wave: no tail of half-empty SMs), each split at least 64 rows
+  // long (fewer splits, less workspace to add up).
+  int blocks_per_sm = 1;
+  (void)with_token_reduce_kernel(dtype, r, [&](auto kernel) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kReduceThreads, 0);
+  });
+  const int64_t resident = std::max(1, blocks_per_sm) * static_cast<int64_t>(multiprocessor_count(device));
+  const int64_t column_blocks = ceil_div(n_cols, kReduceThreads);
+  const int64_t wanted = std::max<int64_t>(1, resident / column_blocks);
+  const int64_t most_useful = std::max<int64_t>(1, ceil_div(n_rows, 64));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, most_useful, 65535})));
+}
+
+cudaError_t launch_token_reduce(DType dtype, const TokenReduceArgs& args, cudaStream_t stream) {
+  if (args.r < 1 || args.r > kMaxFusedRank) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.n_cols, kReduceThreads)), static_cast<unsigned>(args.splits));
+  return with_token_reduce_kernel(dtype, args.r, [&](auto kernel) {
+    kernel<<<grid, kReduceThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_sum_partials(DType dtype, const void* partial, int splits, int64_t m, double scale, void* out,
+                                cudaStream_t stream) {
+  if (m == 0) return cudaSuccess;
+  return dispatch_dtype(dtype, [&](auto type_tag) {
+    using T = decltype(type_tag);
+    sum_partials_kernel<T><<<elementwise_blocks(m), kElementwiseThreads, 0, stream>>>(
+        static_cast<const acc_t<T>*>(partial), splits, m, static_cast<acc_t<T>>(scale), static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace condlora

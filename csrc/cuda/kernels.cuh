@@ -1,0 +1,62 @@
+// Launchers of the hand-written CUDA kernels (kernels.cu), in plain C++ types: kernels.cu includes only the CUDA
+// runtime headers (no ATen), so nvcc compiles it quickly and without the cuBLAS headers that ATen's CUDA headers
+// pull in; cuda_ops.cpp does the ATen side (allocation, streams, device guards, the GEMMs through cuBLAS).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace condlora {
+namespace cuda {
+
+enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+
+// The largest rank the fused token-reduction kernel handles (its per-thread accumulators are registers);
+// larger ranks take a slower path built from GEMMs and dropout_scale.
+constexpr int kMaxFusedRank = 64;
+
+// The bool keep mask (n_rows, n_cols) of philox.h.
+cudaError_t launch_dropout_keep_mask(const int64_t* seed, int64_t n_rows, int64_t n_cols, uint32_t threshold,
+                                     bool* out, cudaStream_t stream);
+
+// dst = (accumulate ? dst : 0) + src * keep * keep_scale for contiguous (n_rows, n_cols) tensors, keep the mask of
+// philox.h. src and dst may be the same tensor.
+cudaError_t launch_dropout_scale(DType dtype, const void* src, void* dst, int64_t n_rows, int64_t n_cols,
+                                 const int64_t* seed, uint32_t threshold, double keep_scale, bool accumulate,
+                                 cudaStream_t stream);
+
+// One pass over the rows (tokens) of z (n_rows, n_cols), contiguous, with per-token weights w (n_rows, r):
+//   partial        (splits, r, n_cols) += sum over the split's rows of w[n, k] * z[n, c] * mask[n, c]   (fp32)
+//   partial_colsum (splits, n_cols)    += sum over the split's rows of z[n, c]                          (fp32)
+//   epilogue_out   (n_rows, n_cols)    += epilogue_scale * (sum_k w[n, k] lora_a[k, c]) * mask[n, c]
+// where mask = keep * keep_scale (the mask of philox.h) with dropout (seed != nullptr), else 1. Each output is skipped when its pointer is
+// null. The partial sums are in the accumulation type (float, or double for double) and are finished by
+// launch_sum_partials: a fixed order of additions, so results are deterministic.
+struct TokenReduceArgs {
+  const void* z = nullptr;
+  int64_t n_rows = 0, n_cols = 0;
+  const void* w = nullptr;
+  int r = 0;
+  const void* lora_a = nullptr;  // (r, n_cols), for the epilogue
+  void* epilogue_out = nullptr;
+  double epilogue_scale = 1.0;
+  void* partial = nullptr;
+  void* partial_colsum = nullptr;
+  int splits = 1;  // from token_reduce_splits
+  const int64_t* seed = nullptr;
+  uint32_t threshold = 0;
+  double keep_scale = 1.0;
+};
+
+// Number of row splits (gridDim.y) that fills the GPU for this shape in one wave.
+int token_reduce_splits(DType dtype, int r, int64_t n_rows, int64_t n_cols, int device);
+
+cudaError_t launch_token_reduce(DType dtype, const TokenReduceArgs& args, cudaStream_t stream);
+
+// out[i] = scale * sum_s partial[s * m + i], partial in the accumulation type of dtype, out in dtype.
+cudaError_t launch_sum_partials(DType dtype, const void* partial, int splits, int64_t m, double scale, void* out,
+                                cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace condlora
