@@ -1,0 +1,148 @@
+"""What is benchmarked: kernel shapes, model cases, and the timing settings of a full or quick run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+MODES = ("forward", "backward", "forward+backward")
+
+
+@dataclass(frozen=True)
+class KernelShape:
+    """One linear layer: N tokens, d_in -> d_out, rank r; `mode` is the CondLoRA generation mode."""
+
+    n: int
+    d_in: int
+    d_out: int
+    r: int
+    mode: str = "paper"
+    note: str = ""
+    launch_bound: bool = False  # small enough that launch overhead dominates: also timed under CUDA graphs
+
+    @property
+    def key(self) -> str:
+        return f"{self.n}x{self.d_in}x{self.d_out} r{self.r}" + (" general" if self.mode == "general" else "")
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "d_in": self.d_in, "d_out": self.d_out, "r": self.r, "mode": self.mode,
+                "key": self.key, "note": self.note}
+
+
+# DESIGN.md §3's table, row for row (bf16 on the H100).
+GPU_SHAPES = (
+    KernelShape(8192, 768, 768, 8, note="paper: RoBERTa-base, 16 x 512 tokens", launch_bound=True),
+    KernelShape(4096, 768, 768, 8, note="RoBERTa-base, 4096 tokens", launch_bound=True),
+    KernelShape(16384, 4096, 4096, 16, note="Llama-7B-like attention projection"),
+    KernelShape(8192, 4096, 4096, 64, note="Llama-7B-like, r=64"),
+    KernelShape(16384, 8192, 8192, 16, note="8192 x 8192"),
+    KernelShape(8192, 4096, 11008, 16, mode="general", note="FFN up-projection (not square)"),
+)
+GPU_QUICK_SHAPES = (GPU_SHAPES[0], GPU_SHAPES[2], GPU_SHAPES[5])
+
+# CPU: small shapes, so the suite runs anywhere (CI: 2 cores, no GPU).
+CPU_SHAPES = (
+    KernelShape(1024, 256, 256, 8, note="small square (CPU)"),
+    KernelShape(1024, 256, 384, 8, mode="general", note="small non-square (CPU)"),
+)
+CPU_QUICK_SHAPES = (
+    KernelShape(256, 64, 64, 4, note="tiny square (CPU quick)"),
+    KernelShape(256, 64, 96, 4, mode="general", note="tiny non-square (CPU quick)"),
+)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """A model built from a transformers config (nothing downloaded) and the adapter setting trained on it."""
+
+    name: str
+    family: str  # "roberta" (sequence classification) or "llama" (causal LM)
+    config: tuple  # (key, value) pairs of the transformers config
+    batch: int
+    seq: int
+    targets: tuple
+    r: int
+    alpha: float
+    head: Optional[str] = None  # module trained in full alongside the adapters (modules_to_save)
+    note: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "family": self.family, "config": dict(self.config), "batch": self.batch,
+                "seq": self.seq, "targets": list(self.targets), "r": self.r, "alpha": self.alpha,
+                "head": self.head, "note": self.note}
+
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# The paper's Table 4 setting: RoBERTa-base, batch 16 x 512, query and value, r=8, alpha=8.
+# RobertaConfig() has roberta-base's sizes but 512 positions: roberta-base has 514 (positions start after
+# the padding index 1), which 512-token sequences need.
+ROBERTA_BASE = ModelCase("roberta-base", "roberta",
+                         (("max_position_embeddings", 514), ("type_vocab_size", 1), ("layer_norm_eps", 1e-5)),
+                         16, 512, ("query", "value"), 8, 8, head="classifier", note="paper Table 4 setting")
+# A Llama-7B-like decoder stack of 2 layers (hidden 4096, FFN 11008); a small vocabulary so that the
+# frozen lm_head does not dominate; every projection targeted (gate/up/down in general mode).
+LLAMA_2L = ModelCase("llama-4096-2L", "llama",
+                     (("hidden_size", 4096), ("intermediate_size", 11008), ("num_hidden_layers", 2),
+                      ("num_attention_heads", 32), ("num_key_value_heads", 32), ("vocab_size", 1024),
+                      ("max_position_embeddings", 2048)),
+                     8, 1024, LLAMA_TARGETS, 16, 16, note="Llama-7B-like stack, 2 layers, all projections")
+ROBERTA_TINY = ModelCase("roberta-tiny", "roberta",
+                         (("hidden_size", 64), ("num_hidden_layers", 2), ("num_attention_heads", 2),
+                          ("intermediate_size", 128), ("vocab_size", 512), ("max_position_embeddings", 72)),
+                         2, 64, ("query", "value"), 8, 8, head="classifier", note="tiny RoBERTa (CPU)")
+LLAMA_TINY = ModelCase("llama-tiny", "llama",
+                       (("hidden_size", 64), ("intermediate_size", 176), ("num_hidden_layers", 2),
+                        ("num_attention_heads", 4), ("num_key_value_heads", 4), ("vocab_size", 256),
+                        ("max_position_embeddings", 128)),
+                       2, 64, LLAMA_TARGETS, 4, 4, note="tiny Llama (CPU)")
+
+
+@dataclass
+class Settings:
+    """How long to time each point. `for_device` gives the full or quick settings of a device type."""
+
+    quick: bool = False
+    warmup_ms: float = 25.0  # do_bench
+    rep_ms: float = 100.0
+    cudagraph: bool = True  # also time launch-bound shapes under CUDA graphs
+    cudagraph_rep_ms: float = 20.0
+    cudagraph_repeats: int = 3  # CUDA-graph rows are repeated: at these sizes single runs are noisy
+    cpu_budget_s: float = 0.5  # per point, CPU timer
+    cpu_max_reps: int = 30
+    model_warmup_steps: int = 3
+    model_steps: int = 10
+    compile: bool = True  # include the torch.compile provider
+    cpu_threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default); see timing.torch_threads
+    shapes: tuple = field(default_factory=tuple)
+    model_cases: tuple = field(default_factory=tuple)  # (ModelCase, precision) pairs
+    dtypes: tuple = ("bf16",)
+
+    @classmethod
+    def for_device(cls, device_type: str, quick: bool = False) -> "Settings":
+        if device_type == "cuda":
+            if quick:
+                return cls(quick=True, warmup_ms=10, rep_ms=30, cudagraph_repeats=1, model_warmup_steps=2,
+                           model_steps=5, compile=False, shapes=GPU_QUICK_SHAPES,
+                           model_cases=((ROBERTA_BASE, "bf16"),))
+            return cls(shapes=GPU_SHAPES,
+                       model_cases=((ROBERTA_BASE, "fp32"), (ROBERTA_BASE, "bf16"), (LLAMA_2L, "bf16")))
+        # CPU: fp32 (CPU bf16 matmuls say little), no CUDA graphs, and no torch.compile by default:
+        # inductor takes tens of seconds per graph to build on a small CPU machine.
+        common = dict(cudagraph=False, compile=False, dtypes=("fp32",))
+        if quick:
+            return cls(quick=True, cpu_budget_s=0.05, cpu_max_reps=5, model_warmup_steps=1, model_steps=3,
+                       cpu_threads=1, shapes=CPU_QUICK_SHAPES,
+                       model_cases=((ROBERTA_TINY, "fp32"), (LLAMA_TINY, "fp32")), **common)
+        return cls(cpu_budget_s=0.3, cpu_max_reps=20, model_warmup_steps=2, model_steps=5, shapes=CPU_SHAPES,
+                   model_cases=((ROBERTA_TINY, "fp32"), (LLAMA_TINY, "fp32")), **common)
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("shapes", "model_cases")}
+        out["shapes"] = [s.key for s in self.shapes]
+        out["model_cases"] = [f"{case.name} {precision}" for case, precision in self.model_cases]
+        return out
