@@ -26,7 +26,7 @@ def _signature(kernel, dtype: str, wsp: str):
         "flags_ptr": "*i32", "seed_ptr": "*i64",
         "part_a_ptr": wsp, "part_b_ptr": wsp, "part_db_ptr": wsp, "grad_a_ptr": wsp, "grad_b_ptr": wsp,
     }
-    floats = {"scaling", "keep_scale"}
+    floats = {"scaling", "keep_scale", "zero"}
     sig = {}
     for name in kernel.arg_names:
         if name in kernel.constexprs_names if hasattr(kernel, "constexprs_names") else False:
@@ -43,13 +43,15 @@ def _signature(kernel, dtype: str, wsp: str):
 # What the JIT specializes at a launch with large aligned shapes (d_in = d_out = 4096, N = 16384, r = 16):
 # unit strides become the constant 1, pointers and the other sizes and strides are known multiples of 16.
 UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_yn", "stride_dyn", "stride_dxk"}
-NOT_DIV16 = {"num_programs", "scaling", "keep_scale", "drop_threshold", "num_slots"}
+NOT_DIV16 = {"num_programs", "scaling", "keep_scale", "drop_threshold", "num_slots", "zero",
+             "x_desc", "w_desc", "y_desc", "dy_desc", "dx_desc", "num_helpers"}
 
 
 def compile_one(kernel, constexprs: dict, dtype: str, arch: int, num_warps: int, num_stages: int):
     const_names = [p.name for p in kernel.params if p.is_constexpr]
     sig = {k: v for k, v in _signature(kernel, dtype, "*fp32").items() if k not in const_names}
     constexprs = dict(constexprs)
+    constexprs.setdefault("USE_TMA", False)  # the pointer path: tensor-descriptor arguments need a GPU to build
     for name in UNIT_STRIDES & set(sig):
         sig[name] = "constexpr"
         constexprs[name] = 1
@@ -113,7 +115,7 @@ def main(argv=None):
         for paper in (True, False):
             const = dict(MODE_PAPER=paper, HAS_BIAS=True, HAS_DROPOUT=dropout, BLOCK_M=fwd["BLOCK_M"],
                          BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"], GROUP_M=fwd["GROUP_M"], GEN_BLOCK=64,
-                         R_PAD=r_pad, DOT_PRECISION=dot, SPLIT_ACC=split, FLAG_BLOCK=128)
+                         R_PAD=r_pad, DOT_PRECISION=dot, SPLIT_ACC=split, FLATTEN=True, FLAG_BLOCK=128)
             label = (f"fwd {dtype} r_pad={r_pad} {fwd['BLOCK_M']}x{fwd['BLOCK_N']}x{fwd['BLOCK_K']} "
                      f"w{fwd['num_warps']} s{fwd['num_stages']} paper={paper} dropout={dropout}")
             ok &= _report(label, tk._condlora_fwd_kernel, const, dtype, args.arch, fwd["num_warps"], fwd["num_stages"])
@@ -125,7 +127,7 @@ def main(argv=None):
                          NEED_DBIAS=need_dbias, BLOCK_M=bwd["BLOCK_M"], BLOCK_N=bwd["BLOCK_N"],
                          BLOCK_K=bwd["BLOCK_K"], GROUP_M=bwd["GROUP_M"], RED_BLOCK=64, DT_BLOCK=64, R_PAD=r_pad,
                          DOT_PRECISION=dot, F32_DOT_PRECISION="tf32" if dtype != "fp32" else "ieee",
-                         SPLIT_ACC=split, FLAG_BLOCK=128)
+                         SPLIT_ACC=split, FLATTEN=True, FLAG_BLOCK=128)
             label = (f"bwd {dtype} r_pad={r_pad} {bwd['BLOCK_M']}x{bwd['BLOCK_N']}x{bwd['BLOCK_K']} "
                      f"w{bwd['num_warps']} s{bwd['num_stages']} dropout={dropout} "
                      f"needs(dx,dtheta,db)={need_dx:d}{need_dtheta:d}{need_dbias:d}")

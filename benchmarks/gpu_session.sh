@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the device machine (torch and triton preinstalled, no registry): install, GPU tests,
-# kernel measurements. Results land in $OUT. Usage: bash benchmarks/gpu_session.sh [tests] [explore] [explore-full] [cpp] [bench]
+# kernel measurements. Results land in $OUT.
+# Usage: bash benchmarks/gpu_session.sh [tests] [cpp] [compile] [alltests] [gemm] [helpers] [explore] [explore-full] [profile] [bench]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,9 +24,13 @@ for STEP in $steps; do
   case $STEP in
     tests) timeout 300 python3 -m pytest tests/test_triton_backend.py -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_triton.log" | tail -15 ;;
     cpp) timeout 300 python3 -m pytest tests/test_cpp_backend.py -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cpp.log" | tail -15 ;;
+    compile) TORCHDYNAMO_VERBOSE=1 timeout 200 python3 -m pytest tests/test_triton_backend.py -q -x -k "compile or opcheck" -p no:cacheprovider > "$OUT/compile.log" 2>&1; tail -3 "$OUT/compile.log" ;;
     alltests) timeout 400 python3 -m pytest tests -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -15 ;;
-    explore) timeout 330 python3 benchmarks/triton_explore.py --quick --out "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -12 ;;
+    explore) timeout 400 python3 benchmarks/triton_explore.py --quick --out "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -12 ;;
     explore-full) timeout 500 python3 benchmarks/triton_explore.py --out "$OUT/explore.json" 2>&1 | tee "$OUT/explore.log" | tail -12 ;;
+    gemm) timeout 300 python3 benchmarks/triton_explore.py --gemm-sweep --out "$OUT/gemm_sweep.json" 2>&1 | tee "$OUT/gemm.log" | grep -E "^GEMM|Error" ;;
+    helpers) timeout 300 python3 benchmarks/triton_explore.py --helpers --out "$OUT/helpers.json" 2>&1 | tee "$OUT/helpers.log" | grep -E "^HELPERS|Error" ;;
+    profile) timeout 120 python3 benchmarks/triton_explore.py --profile 2>&1 | tee "$OUT/profile.log" | head -60 ;;
     bench) python3 -m condlora_kernels bench --output "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
   echo "step $STEP: $(( $(date +%s) - t0 )) s"

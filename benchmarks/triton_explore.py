@@ -34,12 +34,13 @@ SHAPES = [  # (N, d_in, d_out, r, mode)
 ]
 
 FWD_CONFIGS = {
+    "default": None,  # what the launcher picks
     "128x256x64 w8 s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "128x256x64 w8 s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     "128x128x64 w8 s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     "128x128x64 w4 s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
 }
 BWD_CONFIGS = {
+    "default": None,
     "128x256x64 w8 s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     "128x128x64 w8 s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
 }
@@ -236,8 +237,8 @@ def run_shape(n, d_in, d_out, r, mode, dropout_p, quick):
 
     configs = list(FWD_CONFIGS.items())[:2] if quick else FWD_CONFIGS.items()
     for name, cfg in configs:
-        yp = plain_gemm(x, w, cfg)
-        row[f"plain_triton_gemm_ms[{name}]"] = bench(lambda: plain_gemm(x, w, cfg))
+        if cfg is not None:
+            row[f"plain_triton_gemm_ms[{name}]"] = bench(lambda: plain_gemm(x, w, cfg))
         tk.FWD_CONFIG_OVERRIDE = cfg
         try:
             seed = torch.tensor([7], device=dev, dtype=torch.int64)
@@ -250,7 +251,7 @@ def run_shape(n, d_in, d_out, r, mode, dropout_p, quick):
             row[f"fused_fwd_error[{name}]"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     tk.FWD_CONFIG_OVERRIDE = None
 
-    bwd_configs = list(BWD_CONFIGS.items())[:1] if quick else BWD_CONFIGS.items()
+    bwd_configs = list(BWD_CONFIGS.items())[:2] if quick else BWD_CONFIGS.items()
     ta_g, tb_g = ta.clone().requires_grad_(True), tb.clone().requires_grad_(True)
     for name, cfg in bwd_configs:
         tk.BWD_CONFIG_OVERRIDE = cfg
@@ -271,18 +272,115 @@ def run_shape(n, d_in, d_out, r, mode, dropout_p, quick):
     return row
 
 
+def profile_small_step(n=4096, d=768, r=8):
+    """Where the time of a small (launch-bound) training step goes: host and device, per op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(d, d, device="cuda", dtype=torch.bfloat16) / d ** 0.5
+    ta = (torch.randn(r, d, device="cuda", dtype=torch.bfloat16) / 5).requires_grad_(True)
+    tb = (torch.randn(r, d, device="cuda", dtype=torch.bfloat16) / 5).requires_grad_(True)
+    dy = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y = condlora_linear(x, w, None, ta, tb, 2.0, mode="paper", backend="triton")
+        torch.autograd.grad(y, [x, ta, tb], dy)
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        step()
+    torch.cuda.synchronize()
+    print(f"host-timed step: {(time.perf_counter() - t0) / 200 * 1e3:.4f} ms", flush=True)
+    xf = x.detach().clone().requires_grad_(True)
+
+    def frozen():
+        torch.autograd.grad(F.linear(xf, w), [xf], dy)
+
+    for _ in range(20):
+        frozen()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        frozen()
+    torch.cuda.synchronize()
+    print(f"host-timed frozen F.linear step: {(time.perf_counter() - t0) / 200 * 1e3:.4f} ms", flush=True)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(100):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=60), flush=True)
+
+
+def helper_sweep():
+    """Forward and backward times against the number of helper programs and loop flattening."""
+    rows = []
+    for n, d_in, d_out, r, mode in (SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[3]):
+        torch.manual_seed(0)
+        x = torch.randn(n, d_in, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) / d_in ** 0.5
+        ta = torch.randn(*reference.theta_a_shape(r, d_out, d_in, mode), device="cuda", dtype=torch.bfloat16) / 8
+        tb = torch.randn(r, d_in, device="cuda", dtype=torch.bfloat16) / 8
+        dy = torch.randn(n, d_out, device="cuda", dtype=torch.bfloat16)
+        paper = mode == "paper"
+        row = {"N": n, "d_in": d_in, "d_out": d_out, "r": r, "frozen_fwd_ms": bench(lambda: F.linear(x, w))}
+        xg = x.clone().requires_grad_(True)
+        row["frozen_dgrad_ms"] = bench(lambda: torch.autograd.grad(F.linear(xg, w), [xg], dy)) - row["frozen_fwd_ms"]
+        y, u, la, lb = tk.condlora_forward_launch(x, w, None, ta, tb, 2.0, 0.0, None, paper)
+        row["fwd"] = bench(lambda: tk.condlora_forward_launch(x, w, None, ta, tb, 2.0, 0.0, None, paper))
+        for lookahead in (1, 2, 4):
+            tk.LOOKAHEAD_GROUPS = lookahead
+            for helpers in (None, 8, 12, 16, 24):
+                tk.HELPERS_OVERRIDE = helpers
+                row[f"bwd[look={lookahead},h={helpers}]"] = bench(lambda: tk.condlora_backward_launch(
+                    dy, x, w, la, lb, u, 2.0, 0.0, None, paper, True, True, False))
+        tk.LOOKAHEAD_GROUPS, tk.HELPERS_OVERRIDE = 2, None
+        rows.append(row)
+        best_f = min((v, k) for k, v in row.items() if k.startswith("fwd"))
+        best_b = min((v, k) for k, v in row.items() if k.startswith("bwd"))
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        print(f"HELPERS {n}x{d_in}x{d_out} r{r}: fwd best {best_f[0]:.4f} ({best_f[1]}) = {best_f[0] / row['frozen_fwd_ms']:.3f}x"
+              f" frozen; bwd best {best_b[0]:.4f} ({best_b[1]}) = {best_b[0] / row['frozen_dgrad_ms']:.3f}x frozen dgrad",
+              flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="triton_explore.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
     ap.add_argument("--gemm-sweep", action="store_true", help="only the plain GEMM variants against cuBLAS")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler of one small-shape training step")
+    ap.add_argument("--helpers", action="store_true", help="sweep the number of helper programs and flattening")
     args = ap.parse_args(argv)
     props = torch.cuda.get_device_properties(0)
     meta = {"gpu": torch.cuda.get_device_name(), "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     meta.update(ceilings())
     print(json.dumps(meta), flush=True)
+    if args.helpers:
+        rows = helper_sweep()
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "helper_sweep": rows}, f, indent=1)
+        return 0
+    if args.profile:
+        profile_small_step()
+        return 0
     if args.gemm_sweep:
         rows = gemm_sweep([(16384, 4096, 4096), (16384, 8192, 8192), (8192, 4096, 11008)])
         with open(args.out, "w") as f:
@@ -305,8 +403,8 @@ def main(argv=None):
     print(f"\n{'shape':32s} {'frozen fwd':>10s} {'fused fwd':>10s} {'ratio':>6s} {'plainTri':>8s} "
           f"{'frozen f+b':>10s} {'fused f+b':>10s} {'ratio':>6s}")
     for row in rows:
-        fwd = min((v, k) for k, v in row.items() if k.startswith("fused_fwd_ms"))
-        plain = min(v for k, v in row.items() if k.startswith("plain_triton"))
+        fwd = min(((v, k) for k, v in row.items() if k.startswith("fused_fwd_ms")), default=(float("nan"), ""))
+        plain = min((v for k, v in row.items() if k.startswith("plain_triton")), default=float("nan"))
         fb = [(v, k) for k, v in row.items() if k.startswith("fused_fwdbwd_ms")]
         fb = min(fb) if fb else (float("nan"), "")
         name = f"{row['N']}x{row['d_in']}x{row['d_out']} r{row['r']} p{row['dropout']}"

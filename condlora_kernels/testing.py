@@ -2,9 +2,12 @@
 
 The rule (as flash-attention's tests): a backend's result passes when its error against a float64
 reference is at most twice the error of the same computation done by the reference in the backend's
-own dtype, plus a floor of eps(dtype) / min(8, sqrt(numel)). Errors are relative Frobenius norms. The
-floor is eps/8 for any tensor of 64 elements or more; it only grows for tiny outputs (a 1x1 `u` at
-N=1, r=1), where the 2x rule would compare two single roundings and the baseline may round luckily.
+own dtype, plus a floor of eps(dtype) * min(4, 32 / sqrt(numel)). Errors are relative Frobenius norms.
+The floor is a finite-sample allowance: for a large tensor the relative norm averages over many
+elements and the 2x rule alone is statistically sound (the floor is eps/8 at 65,536 elements and
+shrinks further); for a tiny output (the 40-element dx at N=1, a 1x1 u at r=1) the 2x rule compares a
+handful of roundings, the baseline may round luckily, and the floor, at most 4 eps, takes over. In
+float64 the same-dtype baseline is the reference itself, so the floor is a flat 64 eps.
 NaN and inf must sit exactly where the float64 reference has them.
 """
 
@@ -22,8 +25,10 @@ from condlora_kernels.ops.backends import BACKENDS
 ERROR_FACTOR = 2.0
 
 
-def error_floor(dtype: torch.dtype, numel: int = 64) -> float:
-    return torch.finfo(dtype).eps / min(8.0, math.sqrt(max(numel, 1)))
+def error_floor(dtype: torch.dtype, numel: int = 65536) -> float:
+    if dtype == torch.float64:  # the same-dtype baseline is the reference itself (error 0): a few ulps of floor
+        return 64 * torch.finfo(dtype).eps
+    return torch.finfo(dtype).eps * min(4.0, 32.0 / math.sqrt(max(numel, 1)))
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

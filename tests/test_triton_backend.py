@@ -262,10 +262,10 @@ def test_offsets_beyond_int32():
     seed = torch.tensor([3], dtype=torch.int64, device="cuda")
     y, u, a, b = torch.ops.condlora_triton.forward(x, w, None, ta, tb, 2.0, 0.1, seed, True)
     tail = slice(n - 1000, n)
-    rows = torch.arange(n - 1000, n, device="cuda", dtype=torch.int64)
-    offsets = rows[:, None] * d + torch.arange(d, device="cuda", dtype=torch.int64)[None, :]  # past 2^31
-    mask = (reference.philox_uint32(seed, offsets) >> 8) >= reference.dropout_threshold(0.1)
-    x_hat = x[tail].double() * mask / 0.9
+    rows = torch.arange(n - 1000, n, device="cuda", dtype=torch.int64)  # their elements sit past 2^31
+    keep = reference.dropout_draws(seed, rows, torch.arange(d, device="cuda"), d) >= reference.dropout_threshold(0.1)
+    mask = keep.double() * reference.dropout_keep_scale(0.1)
+    x_hat = x[tail].double() * mask
     u_ref = x_hat @ a.double().t()
     y_ref = x[tail].double() @ w.double().t() + 2.0 * (u.double()[tail] @ b.double().t())
     assert (u[tail].double() - u_ref).norm() / u_ref.norm() < 1e-2
@@ -277,5 +277,5 @@ def test_offsets_beyond_int32():
     dx, _, _, _ = torch.ops.condlora_triton.backward(grad_y, x, w, a, b, torch.zeros(n, 4, device="cuda",
                                                      dtype=torch.bfloat16), 2.0, 0.1, seed, True, True, False, False)
     v = dy.double() @ b.double()
-    dx_ref = dy.double() @ w.double() + (2.0 * v @ a.double()) * mask / 0.9
+    dx_ref = dy.double() @ w.double() + (2.0 * v @ a.double()) * mask
     assert (dx[tail].double() - dx_ref).norm() / dx_ref.norm() < 1e-2

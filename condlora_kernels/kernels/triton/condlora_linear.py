@@ -33,9 +33,9 @@ Backward, chain rule (DESIGN.md §2):  v = dy B;  dx = dy W0 + s (v A) * M/(1-p)
 dB = s dy^T u;  dtheta_b = dB^T W0;  dtheta_a = dA W0 (paper) | dA W0^T (general);  db = sum_rows dy.
     V(m)     head: one pass over dy[m]: v[m] = dy[m] B (stores s v[m]), and the partial sums
              s dy[m]^T u[m] (of dB) and sum_rows dy[m] (of db) into slot m mod S.
-    DX(m, k) the input-gradient GEMM dy[m] W0[:, k]; the epilogue waits for V(m), adds (s v[m]) A[:, k]
-             times the mask, and, from the x tile at the same place, the partial sum s v[m]^T x_hat[m, k]
-             of dA (one dropout mask serves both). Without dx it only does the latter.
+    DX(m, k) first the partial sum s v[m]^T x_hat[m, k] of dA from the x tile at this place, then the
+             input-gradient GEMM dy[m] W0[:, k], whose epilogue adds (s v[m]) A[:, k] times the mask.
+             Without dx it only does the former.
     RED      sums the S slots in a fixed order into dA, dB (float32) and db; waits for every partial.
     DTHETA   dtheta = [dA; dB^T] W0 (paper) or dA W0^T, dB^T W0 (general); waits for every RED.
 Partial sums go to S float32 slots; when memory allows S = the number of row blocks and every slot is
@@ -45,12 +45,16 @@ sum is formed in an order that does not depend on scheduling: same inputs, bitwi
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from condlora_kernels import reference
 
@@ -103,12 +107,13 @@ def _load_seed(seed_ptr):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
+def _mma(a, b, acc, zero, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """acc + a @ b. For float32 data (SPLIT_ACC) each BLOCK_K slice is summed on its own and then
     added: Triton's IEEE float32 dot accumulates serially over K, and two levels keep its rounding
-    error near cuBLAS's instead of growing with all of K."""
+    error near cuBLAS's instead of growing with all of K. `zero` is a runtime 0.0 (a kernel argument):
+    with a constant zero, Triton folds add(dot(a, b, 0), acc) back into dot(a, b, acc)."""
     if SPLIT_ACC:
-        return acc + tl.dot(a, b, input_precision=DOT_PRECISION)
+        return acc + tl.dot(a, b, tl.zeros_like(acc) + zero, input_precision=DOT_PRECISION)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -136,6 +141,17 @@ def _exit_and_reset_flags(flags_ptr, num_flags, num_programs, FLAG_BLOCK: tl.con
         offs = tl.arange(0, FLAG_BLOCK)
         for start in range(0, num_flags, FLAG_BLOCK):
             tl.store(flags_ptr + start + offs, 0, mask=start + offs < num_flags)
+
+
+@triton.jit
+def _grouped_tile(t, num_row_blocks, num_cols, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile t in grouped order: GROUP_M row blocks at a time, row
+    block fastest, so that the tiles one wave computes share x and W0 tiles in L2."""
+    group_tiles = GROUP_M * num_cols
+    first_m = (t // group_tiles) * GROUP_M
+    rows_in_group = tl.minimum(num_row_blocks - first_m, GROUP_M)
+    local = t % group_tiles
+    return first_m + local % rows_in_group, local // rows_in_group
 
 
 @triton.jit
@@ -170,7 +186,7 @@ def _lookahead_tile(t, num_row_blocks, num_cols, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr, tile, d_in, d_out, rank,
-                  stride_wn, stride_wk, stride_ta, stride_tb,
+                  stride_wn, stride_wk, stride_ta, stride_tb, zero,
                   MODE_PAPER: tl.constexpr, GEN_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                   R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """B[rows] = W0[rows] theta_b^T; in paper mode also A^T[rows] = W0[rows] theta_a^T (same W0 tiles)."""
@@ -186,10 +202,10 @@ def _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr, tile, d_in, d_out, rank,
                     mask=(rows[:, None] < d_out) & (ks[None, :] < d_in), other=0.0)
         theta_mask = (ks[:, None] < d_in) & (ranks[None, :] < rank)
         tb_t = tl.load(tb_ptr + ranks[None, :] * stride_tb + ks[:, None], mask=theta_mask, other=0.0)
-        acc_b = _mma(w, tb_t, acc_b, DOT_PRECISION, SPLIT_ACC)
+        acc_b = _mma(w, tb_t, acc_b, zero, DOT_PRECISION, SPLIT_ACC)
         if MODE_PAPER:
             ta_t = tl.load(ta_ptr + ranks[None, :] * stride_ta + ks[:, None], mask=theta_mask, other=0.0)
-            acc_a = _mma(w, ta_t, acc_a, DOT_PRECISION, SPLIT_ACC)
+            acc_a = _mma(w, ta_t, acc_a, zero, DOT_PRECISION, SPLIT_ACC)
     out_mask = (rows[:, None] < d_out) & (ranks[None, :] < rank)
     tl.store(b_ptr + rows[:, None] * rank + ranks[None, :], acc_b.to(b_ptr.dtype.element_ty), mask=out_mask)
     if MODE_PAPER:  # square W0: rows of W0 index the d_in columns of A
@@ -197,7 +213,7 @@ def _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr, tile, d_in, d_out, rank,
 
 
 @triton.jit
-def _fwd_gen_cols(w_ptr, ta_ptr, a_ptr, tile, d_in, d_out, rank, stride_wn, stride_wk, stride_ta,
+def _fwd_gen_cols(w_ptr, ta_ptr, a_ptr, tile, d_in, d_out, rank, stride_wn, stride_wk, stride_ta, zero,
                   GEN_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """General mode: A^T[cols] = W0[:, cols]^T theta_a^T, a reduction over the d_out rows of W0."""
@@ -212,24 +228,26 @@ def _fwd_gen_cols(w_ptr, ta_ptr, a_ptr, tile, d_in, d_out, rank, stride_wn, stri
                     mask=(ks[:, None] < d_out) & (cols[None, :] < d_in), other=0.0)
         ta_t = tl.load(ta_ptr + ranks[None, :] * stride_ta + ks[:, None],
                        mask=(ks[:, None] < d_out) & (ranks[None, :] < rank), other=0.0)
-        acc = _mma(tl.trans(w), ta_t, acc, DOT_PRECISION, SPLIT_ACC)
+        acc = _mma(tl.trans(w), ta_t, acc, zero, DOT_PRECISION, SPLIT_ACC)
     tl.store(a_ptr + ranks[None, :] * d_in + cols[:, None], acc.to(a_ptr.dtype.element_ty),
              mask=(cols[:, None] < d_in) & (ranks[None, :] < rank))
 
 
 @triton.jit
 def _fwd_u_tile(x_ptr, a_ptr, u_ptr, m, n_rows, d_in, rank, stride_xm, stride_xk,
-                seed_lo, seed_hi, drop_threshold, keep_scale,
-                HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                seed_lo, seed_hi, drop_threshold, keep_scale, zero,
+                HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                 R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
-    """u[rows] = x_hat[rows] A^T, stored in x's dtype (the backward and the Y epilogues read it back)."""
+    """u[rows] = x_hat[rows] A^T, stored in x's dtype (the backward and the Y epilogues read it back).
+    A helper streams its row block of x alone: wide chunks, deeply pipelined, keep enough bytes in
+    flight for one SM to read fast."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=ACC)
-    for k0 in range(0, d_in, BLOCK_K):
+    for k0 in tl.range(0, d_in, BLOCK_K, num_stages=STAGES):
         ks = k0 + offs_k
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=(rows[:, None] < n_rows) & (ks[None, :] < d_in),
                     other=0.0)
@@ -239,30 +257,38 @@ def _fwd_u_tile(x_ptr, a_ptr, u_ptr, m, n_rows, d_in, rank, stride_xm, stride_xk
         # A was written in this launch by other programs: read through L2 (.cg), never a stale L1 line
         a_t = tl.load(a_ptr + ranks[None, :] * d_in + ks[:, None], mask=(ks[:, None] < d_in) & (ranks[None, :] < rank),
                       other=0.0, cache_modifier=".cg")
-        acc = _mma(x, a_t, acc, DOT_PRECISION, SPLIT_ACC)
+        acc = _mma(x, a_t, acc, zero, DOT_PRECISION, SPLIT_ACC)
     tl.store(u_ptr + rows[:, None].to(tl.int64) * rank + ranks[None, :], acc.to(u_ptr.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank))
 
 
 @triton.jit
-def _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, u_ready_ptr, m, n, n_rows, d_in, d_out, rank,
-                stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, scaling,
-                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
-    """y[m, n] = x[m] W0[n]^T + (s u[m]) B[n]^T + b[n]."""
+def _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, x_desc, w_desc, y_desc, u_ready_ptr, m, n,
+                n_rows, d_in, d_out, rank, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                scaling, zero, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                SPLIT_ACC: tl.constexpr):
+    """y[m, n] = x[m] W0[n]^T + (s u[m]) B[n]^T + b[n]. With USE_TMA the main loop's tiles come through
+    tensor descriptors (the copy engine, zero-filled past the edges) and y leaves through one."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, d_in, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(rows[:, None] < n_rows) & (offs_k[None, :] < d_in - k0), other=0.0)
-        w = tl.load(w_ptrs, mask=(cols[None, :] < d_out) & (offs_k[:, None] < d_in - k0), other=0.0)
-        acc = _mma(x, w, acc, DOT_PRECISION, SPLIT_ACC)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    if USE_TMA:
+        for k0 in range(0, d_in, BLOCK_K):
+            x = x_desc.load([m * BLOCK_M, k0])
+            w = w_desc.load([n * BLOCK_N, k0])
+            acc = _mma(x, w.T, acc, zero, DOT_PRECISION, SPLIT_ACC)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+        for k0 in range(0, d_in, BLOCK_K):
+            x = tl.load(x_ptrs, mask=(rows[:, None] < n_rows) & (offs_k[None, :] < d_in - k0), other=0.0)
+            w = tl.load(w_ptrs, mask=(cols[None, :] < d_out) & (offs_k[:, None] < d_in - k0), other=0.0)
+            acc = _mma(x, w, acc, zero, DOT_PRECISION, SPLIT_ACC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
 
     # epilogue: the low-rank term is one more MMA into the same accumulator
     _wait_at_least(u_ready_ptr + m, 1)  # U(m) done (and, before it, every GEN tile)
@@ -275,23 +301,32 @@ def _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, u_ready_ptr, m, n, 
     acc = tl.dot(u_scaled, b_t, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < d_out, other=0.0).to(ACC)[None, :]
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < n_rows) & (cols[None, :] < d_out))
+    if USE_TMA:
+        y_desc.store([m * BLOCK_M, n * BLOCK_N], acc.to(y_desc.dtype))
+    else:
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < d_out))
 
 
 @triton.jit
 def _condlora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, ta_ptr, tb_ptr, y_ptr, u_ptr, a_ptr, b_ptr, flags_ptr, seed_ptr,
+    x_desc, w_desc, y_desc,
     n_rows, d_in, d_out, rank,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ta, stride_tb, stride_ym, stride_yn,
-    scaling, keep_scale, drop_threshold, num_programs,
-    MODE_PAPER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    scaling, keep_scale, drop_threshold, num_programs, zero,
+    MODE_PAPER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GEN_BLOCK: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr,
-    FLAG_BLOCK: tl.constexpr,
+    GEN_BLOCK: tl.constexpr, HELPER_BLOCK_K: tl.constexpr, HELPER_STAGES: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr, FLAG_BLOCK: tl.constexpr,
 ):
-    """Persistent forward: GEN tiles, then U heads one group ahead of their Y tiles.
-    flags: [0] finished programs, [1] finished GEN tiles, [2 + m] U(m) done."""
+    """Persistent forward: GEN tiles, then U heads one group ahead of their Y tiles, all programs taking
+    tiles in turn. flags: [0] finished programs, [1] finished GEN tiles, [2 + m] U(m) done.
+
+    (Measured against a split into a few helper programs doing GEN/U and worker programs running a
+    flattened GEMM loop: the helpers either fell behind or, running ahead, streamed x through L2 and
+    slowed the workers' GEMM; spreading the heads over all programs, a group ahead, did better.
+    benchmarks/NOTES.md, forward v3 and v4.)"""
     num_gen_rows = tl.cdiv(d_out, GEN_BLOCK)
     num_gen = num_gen_rows if MODE_PAPER else num_gen_rows + tl.cdiv(d_in, GEN_BLOCK)
     num_m = tl.cdiv(n_rows, BLOCK_M)
@@ -308,23 +343,25 @@ def _condlora_fwd_kernel(
         if t < num_gen:
             if t < num_gen_rows:
                 _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr, t, d_in, d_out, rank, stride_wn, stride_wk,
-                              stride_ta, stride_tb, MODE_PAPER, GEN_BLOCK, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
+                              stride_ta, stride_tb, zero, MODE_PAPER, GEN_BLOCK, BLOCK_K, R_PAD, DOT_PRECISION,
+                              SPLIT_ACC)
             else:
                 _fwd_gen_cols(w_ptr, ta_ptr, a_ptr, t - num_gen_rows, d_in, d_out, rank, stride_wn, stride_wk,
-                              stride_ta, GEN_BLOCK, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
+                              stride_ta, zero, GEN_BLOCK, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
             _signal(gen_done_ptr)
         else:
             kind, m, n = _lookahead_tile(t - num_gen, num_m, num_n, GROUP_M)
             if kind == 0:
                 _wait_at_least(gen_done_ptr, num_gen)
                 _fwd_u_tile(x_ptr, a_ptr, u_ptr, m, n_rows, d_in, rank, stride_xm, stride_xk, seed_lo, seed_hi,
-                            drop_threshold, keep_scale, HAS_DROPOUT, BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION,
-                            SPLIT_ACC)
+                            drop_threshold, keep_scale, zero, HAS_DROPOUT, BLOCK_M, HELPER_BLOCK_K, HELPER_STAGES,
+                            R_PAD, DOT_PRECISION, SPLIT_ACC)
                 _signal(u_ready_ptr + m)
             elif kind == 1:
-                _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, u_ready_ptr, m, n, n_rows, d_in, d_out,
-                            rank, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, scaling,
-                            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
+                _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, x_desc, w_desc, y_desc, u_ready_ptr, m, n,
+                            n_rows, d_in, d_out, rank, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                            scaling, zero, HAS_BIAS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION,
+                            SPLIT_ACC)
     _exit_and_reset_flags(flags_ptr, 2 + num_m, num_programs, FLAG_BLOCK)
 
 
@@ -334,12 +371,17 @@ def _condlora_fwd_kernel(
 
 
 @triton.jit
-def _bwd_v_tile(dy_ptr, b_ptr, u_ptr, sv_ptr, part_b_ptr, part_db_ptr, ticket_ptr, m, num_slots, num_m,
-                n_rows, d_out, rank, stride_dym, stride_dyn, scaling,
-                NEED_DTHETA: tl.constexpr, NEED_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
-    """One pass over dy[m]: v[m] = dy[m] B, stored as s v[m] in the input dtype; the partial sums
-    s dy[m]^T u[m] (of dB) and sum_rows dy[m] (of db) into slot m mod S."""
+def _bwd_row_block(dy_ptr, x_ptr, b_ptr, u_ptr, sv_ptr, part_a_ptr, part_b_ptr, part_db_ptr, ticket_ptr, v_ready_ptr,
+                   m, num_slots, n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_xm, stride_xk, scaling,
+                   seed_lo, seed_hi, drop_threshold, keep_scale, zero,
+                   NEED_DTHETA: tl.constexpr, NEED_DBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, R_PAD: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
+    """All the rank-r work of row block m, on a helper program:
+    one pass over dy[m]: v = dy[m] B, and the partial sums s dy[m]^T u[m] (of dB) and sum_rows dy[m] (of db);
+    s v is stored and published at once (the DX tiles of row block m wait for it); then one pass over
+    x[m]: the partial sum (s v)^T x_hat[m] (of dA). Partial sums go to slot m mod S, which blocks
+    m - S, m - 2S, ... have filled before, in that order (a ticket per slot): deterministic sums."""
     ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
@@ -347,20 +389,19 @@ def _bwd_v_tile(dy_ptr, b_ptr, u_ptr, sv_ptr, part_b_ptr, part_db_ptr, ticket_pt
     row_mask = rows < n_rows
     slot = m % num_slots
     turn = m // num_slots
-    shared_slots = num_slots < num_m
-    if (NEED_DTHETA or NEED_DBIAS) and shared_slots:  # blocks m - S, m - 2S, ... added into this slot first
+    if NEED_DTHETA or NEED_DBIAS:
         _wait_at_least(ticket_ptr + slot, turn)
     if NEED_DTHETA:
         u = tl.load(u_ptr + rows[:, None].to(tl.int64) * rank + ranks[None, :],
                     mask=row_mask[:, None] & (ranks[None, :] < rank), other=0.0)
     dy_rows = dy_ptr + rows[:, None].to(tl.int64) * stride_dym
     v = tl.zeros((BLOCK_M, R_PAD), dtype=ACC)
-    for c0 in range(0, d_out, BLOCK_K):
+    for c0 in tl.range(0, d_out, BLOCK_K, num_stages=STAGES):
         cs = c0 + offs_k
         dy = tl.load(dy_rows + cs[None, :] * stride_dyn, mask=row_mask[:, None] & (cs[None, :] < d_out), other=0.0)
         b = tl.load(b_ptr + cs[:, None] * rank + ranks[None, :], mask=(cs[:, None] < d_out) & (ranks[None, :] < rank),
                     other=0.0)
-        v = _mma(dy, b, v, DOT_PRECISION, SPLIT_ACC)
+        v = _mma(dy, b, v, zero, DOT_PRECISION, SPLIT_ACC)
         if NEED_DTHETA:
             part = tl.dot(tl.trans(dy), u, input_precision=DOT_PRECISION) * scaling  # (BLOCK_K, R_PAD)
             p_ptrs = part_b_ptr + (slot * d_out + cs[:, None]) * R_PAD + ranks[None, :]
@@ -373,74 +414,72 @@ def _bwd_v_tile(dy_ptr, b_ptr, u_ptr, sv_ptr, part_b_ptr, part_db_ptr, ticket_pt
             if turn > 0:
                 db += tl.load(db_ptrs, mask=cs < d_out, other=0.0, cache_modifier=".cg")
             tl.store(db_ptrs, db, mask=cs < d_out)
-    # s v in the input dtype (v rounded first, as the reference rounds it): DX uses it for dx and dA
+    # s v in the input dtype (v rounded first, as the reference rounds it)
     sv = (v.to(dy_ptr.dtype.element_ty).to(ACC) * scaling).to(sv_ptr.dtype.element_ty)
     tl.store(sv_ptr + rows[:, None].to(tl.int64) * R_PAD + ranks[None, :], sv, mask=row_mask[:, None])
-    if (NEED_DTHETA or NEED_DBIAS) and shared_slots:
+    _signal(v_ready_ptr + m)
+    if NEED_DTHETA:
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+        for k0 in tl.range(0, d_in, BLOCK_K, num_stages=STAGES):
+            ks = k0 + offs_k
+            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & (ks[None, :] < d_in), other=0.0)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed_lo, seed_hi, rows, k0, d_in, drop_threshold, BLOCK_M, BLOCK_K)
+                x = tl.where(keep, x.to(ACC) * keep_scale, 0.0).to(x.dtype)
+            part = tl.dot(tl.trans(sv), x, input_precision=DOT_PRECISION)  # (R_PAD, BLOCK_K)
+            p_ptrs = part_a_ptr + (slot * R_PAD + ranks[:, None]) * d_in + ks[None, :]
+            if turn > 0:
+                part += tl.load(p_ptrs, mask=ks[None, :] < d_in, other=0.0, cache_modifier=".cg")
+            tl.store(p_ptrs, part, mask=ks[None, :] < d_in)
+    if NEED_DTHETA or NEED_DBIAS:
         tl.debug_barrier()
         tl.atomic_xchg(ticket_ptr + slot, turn + 1, sem="release")
 
 
 @triton.jit
-def _bwd_dx_tile(dy_ptr, x_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, part_a_ptr, v_ready_ptr, ticket_ptr,
-                 m, k, num_slots, num_m, num_k, n_rows, d_in, d_out, rank,
-                 stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_dxm, stride_dxk,
-                 seed_lo, seed_hi, drop_threshold, keep_scale,
-                 NEED_DX: tl.constexpr, NEED_DTHETA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
-    """dx[m, k] = dy[m] W0[:, k] + ((s v[m]) A[:, k]) * M / (1 - p), and the partial sum
-    (s v[m])^T x_hat[m, k] of dA into slot m mod S (the same mask M serves both)."""
+def _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, dy_desc, w_desc, dx_desc, v_ready_ptr, m, k,
+                 n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+                 seed_lo, seed_hi, drop_threshold, keep_scale, zero,
+                 HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
+    """dx[m, k] = dy[m] W0[:, k] + ((s v[m]) A[:, k]) * M / (1 - p); the epilogue waits for row block m's v."""
     ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = k * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of dx and x: the d_in axis
+    cols = k * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of dx: the d_in axis
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    if NEED_DX:
-        offs_c = tl.arange(0, BLOCK_K)  # the reduction runs over d_out
+    if USE_TMA:  # the reduction runs over d_out
+        for c0 in range(0, d_out, BLOCK_K):
+            dy = dy_desc.load([m * BLOCK_M, c0])
+            w = w_desc.load([c0, k * BLOCK_N])
+            acc = _mma(dy, w, acc, zero, DOT_PRECISION, SPLIT_ACC)
+    else:
+        offs_c = tl.arange(0, BLOCK_K)
         dy_ptrs = dy_ptr + rows[:, None].to(tl.int64) * stride_dym + offs_c[None, :] * stride_dyn
         w_ptrs = w_ptr + offs_c[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
         for c0 in range(0, d_out, BLOCK_K):
             dy = tl.load(dy_ptrs, mask=(rows[:, None] < n_rows) & (offs_c[None, :] < d_out - c0), other=0.0)
             w = tl.load(w_ptrs, mask=(offs_c[:, None] < d_out - c0) & (cols[None, :] < d_in), other=0.0)
-            acc = _mma(dy, w, acc, DOT_PRECISION, SPLIT_ACC)
+            acc = _mma(dy, w, acc, zero, DOT_PRECISION, SPLIT_ACC)
             dy_ptrs += BLOCK_K * stride_dyn
             w_ptrs += BLOCK_K * stride_wn
 
     _wait_at_least(v_ready_ptr + m, 1)
     ranks = tl.arange(0, R_PAD)
-    tile_mask = (rows[:, None] < n_rows) & (cols[None, :] < d_in)
     sv = tl.load(sv_ptr + rows[:, None].to(tl.int64) * R_PAD + ranks[None, :], mask=rows[:, None] < n_rows,
                  other=0.0, cache_modifier=".cg")
+    a = tl.load(a_ptr + ranks[:, None] * d_in + cols[None, :], mask=(ranks[:, None] < rank) & (cols[None, :] < d_in),
+                other=0.0)
     if HAS_DROPOUT:
+        low_rank = tl.dot(sv, a, input_precision=DOT_PRECISION)
         keep = _dropout_keep(seed_lo, seed_hi, rows, k * BLOCK_N, d_in, drop_threshold, BLOCK_M, BLOCK_N)
-    if NEED_DX:
-        a = tl.load(a_ptr + ranks[:, None] * d_in + cols[None, :], mask=(ranks[:, None] < rank) & (cols[None, :] < d_in),
-                    other=0.0)
-        if HAS_DROPOUT:
-            low_rank = tl.dot(sv, a, input_precision=DOT_PRECISION)
-            acc += tl.where(keep, low_rank * keep_scale, 0.0)
-        else:
-            acc = tl.dot(sv, a, acc, input_precision=DOT_PRECISION)
+        acc += tl.where(keep, low_rank * keep_scale, 0.0)
+    else:
+        acc = tl.dot(sv, a, acc, input_precision=DOT_PRECISION)
+    if USE_TMA:
+        dx_desc.store([m * BLOCK_M, k * BLOCK_N], acc.to(dx_desc.dtype))
+    else:
         tl.store(dx_ptr + rows[:, None].to(tl.int64) * stride_dxm + cols[None, :] * stride_dxk,
-                 acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
-    if NEED_DTHETA:
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=tile_mask,
-                    other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep, x.to(ACC) * keep_scale, 0.0).to(x.dtype)
-        part = tl.dot(tl.trans(sv), x, input_precision=DOT_PRECISION)  # (R_PAD, BLOCK_N)
-        slot = m % num_slots
-        turn = m // num_slots
-        p_ptrs = part_a_ptr + (slot * R_PAD + ranks[:, None]) * d_in + cols[None, :]
-        if num_slots < num_m:  # take turns on the slot, in order of m, per column block
-            _wait_at_least(ticket_ptr + slot * num_k + k, turn)
-            if turn > 0:
-                part += tl.load(p_ptrs, mask=cols[None, :] < d_in, other=0.0, cache_modifier=".cg")
-            tl.store(p_ptrs, part, mask=cols[None, :] < d_in)
-            tl.debug_barrier()
-            tl.atomic_xchg(ticket_ptr + slot * num_k + k, turn + 1, sem="release")
-        else:
-            tl.store(p_ptrs, part, mask=cols[None, :] < d_in)
+                 acc.to(dx_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < d_in))
 
 
 @triton.jit
@@ -476,7 +515,7 @@ def _bwd_reduce_b(part_b_ptr, part_db_ptr, grad_b_ptr, db_ptr, tile, num_slots, 
 
 @triton.jit
 def _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, tile, d_in, d_out, rank,
-                     stride_wn, stride_wk, MODE_PAPER: tl.constexpr, DT_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                     stride_wn, stride_wk, zero, MODE_PAPER: tl.constexpr, DT_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                      R_PAD: tl.constexpr, F32_DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """Contract the reduced dA (R_PAD, d_in) and dB (d_out, R_PAD) with W0:
     tiles over the d_in columns: dtheta_b[:, cols] = dB^T W0[:, cols] (and, paper mode, dtheta_a = dA W0);
@@ -495,11 +534,11 @@ def _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, tile, d_in
                         mask=(ks[:, None] < d_out) & (cols[None, :] < d_in), other=0.0).to(ACC)
             gb_t = tl.load(grad_b_ptr + ks[None, :] * R_PAD + ranks[:, None], mask=ks[None, :] < d_out, other=0.0,
                            cache_modifier=".cg")
-            acc_b = _mma(gb_t, w, acc_b, F32_DOT_PRECISION, SPLIT_ACC)
+            acc_b = _mma(gb_t, w, acc_b, zero, F32_DOT_PRECISION, SPLIT_ACC)
             if MODE_PAPER:  # square: the rows of W0 are the d_in columns of dA
                 ga = tl.load(grad_a_ptr + ranks[:, None] * d_in + ks[None, :], mask=ks[None, :] < d_in, other=0.0,
                              cache_modifier=".cg")
-                acc_a = _mma(ga, w, acc_a, F32_DOT_PRECISION, SPLIT_ACC)
+                acc_a = _mma(ga, w, acc_a, zero, F32_DOT_PRECISION, SPLIT_ACC)
         out_mask = (ranks[:, None] < rank) & (cols[None, :] < d_in)
         tl.store(dtb_ptr + ranks[:, None] * d_in + cols[None, :], acc_b.to(dtb_ptr.dtype.element_ty), mask=out_mask)
         if MODE_PAPER:
@@ -513,7 +552,7 @@ def _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, tile, d_in
                           mask=(ks[:, None] < d_in) & (rows[None, :] < d_out), other=0.0).to(ACC)
             ga = tl.load(grad_a_ptr + ranks[:, None] * d_in + ks[None, :], mask=ks[None, :] < d_in, other=0.0,
                          cache_modifier=".cg")
-            acc = _mma(ga, w_t, acc, F32_DOT_PRECISION, SPLIT_ACC)
+            acc = _mma(ga, w_t, acc, zero, F32_DOT_PRECISION, SPLIT_ACC)
         tl.store(dta_ptr + ranks[:, None] * d_out + rows[None, :], acc.to(dta_ptr.dtype.element_ty),
                  mask=(ranks[:, None] < rank) & (rows[None, :] < d_out))
 
@@ -522,81 +561,86 @@ def _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, tile, d_in
 def _condlora_bwd_kernel(
     dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, u_ptr, dx_ptr, dta_ptr, dtb_ptr, db_ptr,
     sv_ptr, part_a_ptr, part_b_ptr, part_db_ptr, grad_a_ptr, grad_b_ptr, flags_ptr, seed_ptr,
+    dy_desc, w_desc, dx_desc,
     n_rows, d_in, d_out, rank, num_slots,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_dxm, stride_dxk,
-    scaling, keep_scale, drop_threshold, num_programs,
-    MODE_PAPER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    scaling, keep_scale, drop_threshold, num_programs, num_helpers, lookahead, zero,
+    MODE_PAPER: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DTHETA: tl.constexpr, NEED_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    RED_BLOCK: tl.constexpr, DT_BLOCK: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, F32_DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr,
-    FLAG_BLOCK: tl.constexpr,
+    RED_BLOCK: tl.constexpr, DT_BLOCK: tl.constexpr, HELPER_BLOCK_K: tl.constexpr, HELPER_STAGES: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, F32_DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr,
+    FLATTEN: tl.constexpr, FLAG_BLOCK: tl.constexpr,
 ):
-    """Persistent backward: V heads one group ahead of their DX tiles; then RED tiles; then DTHETA tiles.
-    flags: [0] finished programs, [1] finished partial-sum tiles, [2] finished RED tiles, [3 + m] V(m) done,
-    then the turn counters of the shared slots: one per slot for V, one per (slot, column block) for DX."""
-    HAS_DX_TILES: tl.constexpr = NEED_DX or NEED_DTHETA
+    """Persistent backward. Programs 0 .. num_helpers - 1 do the rank-r work of row blocks 0, 1, 2, ...
+    (v, then the partial sums of dA, dB, db); the others run the DX tiles in a flattened loop; then
+    every program takes its share of the RED tiles, then of the DTHETA tiles. With one program (the
+    interpreter) it does all of it in turn.
+    A helper starts a row block of group g only once the workers have finished the tiles of the groups
+    before g - lookahead: helpers that run far ahead stream dy and x through L2 and evict the tiles the
+    workers' waves share (measured: benchmarks/NOTES.md). The waits point to strictly earlier groups,
+    so they cannot deadlock.
+    flags: [0] finished programs, [1] finished row blocks, [2] finished RED tiles, [3] finished DX tiles,
+    [4 + m] v of row block m stored, [4 + num_m + slot] whose turn it is to add into that slot."""
     HAS_RED: tl.constexpr = NEED_DTHETA or NEED_DBIAS
+    pid = tl.program_id(0)
     num_m = tl.cdiv(n_rows, BLOCK_M)
     num_k = tl.cdiv(d_in, BLOCK_N)
-    num_cols = num_k if HAS_DX_TILES else 0
-    num_group_tiles = (tl.cdiv(num_m, GROUP_M) + 1) * GROUP_M + num_m * num_cols
-    num_red_a = tl.cdiv(d_in, RED_BLOCK) if NEED_DTHETA else 0
-    num_red = num_red_a + tl.cdiv(d_out, RED_BLOCK) if HAS_RED else 0
-    num_dtheta = 0
-    if NEED_DTHETA:
-        num_dtheta = tl.cdiv(d_in, DT_BLOCK) if MODE_PAPER else tl.cdiv(d_in, DT_BLOCK) + tl.cdiv(d_out, DT_BLOCK)
-    # tiles that write partial sums: every V tile, and every DX tile when dA is needed
-    num_partial_tiles = num_m + num_m * num_k if NEED_DTHETA else num_m
-    num_tiles = num_group_tiles + num_red + num_dtheta
-    partials_done_ptr = flags_ptr + 1
+    rows_done_ptr = flags_ptr + 1
     red_done_ptr = flags_ptr + 2
-    v_ready_ptr = flags_ptr + 3
-    v_ticket_ptr = flags_ptr + 3 + num_m
-    dx_ticket_ptr = v_ticket_ptr + num_slots
+    dx_done_ptr = flags_ptr + 3
+    v_ready_ptr = flags_ptr + 4
+    ticket_ptr = flags_ptr + 4 + num_m
     seed_lo = 0
     seed_hi = 0
     if HAS_DROPOUT:
         seed_lo, seed_hi = _load_seed(seed_ptr)
 
-    for t in range(tl.program_id(0), num_tiles, num_programs):
-        if t < num_group_tiles:
-            kind, m, k = _lookahead_tile(t, num_m, num_cols, GROUP_M)
-            if kind == 0:
-                _bwd_v_tile(dy_ptr, b_ptr, u_ptr, sv_ptr, part_b_ptr, part_db_ptr, v_ticket_ptr, m, num_slots, num_m,
-                            n_rows, d_out, rank, stride_dym, stride_dyn, scaling, NEED_DTHETA, NEED_DBIAS,
-                            BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
-                tl.debug_barrier()
-                tl.atomic_add(v_ready_ptr + m, 1, sem="release")
-                tl.atomic_add(partials_done_ptr, 1, sem="release")
-            elif kind == 1:
-                if HAS_DX_TILES:
-                    _bwd_dx_tile(dy_ptr, x_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, part_a_ptr, v_ready_ptr, dx_ticket_ptr,
-                                 m, k, num_slots, num_m, num_k, n_rows, d_in, d_out, rank,
-                                 stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk,
-                                 stride_dxm, stride_dxk, seed_lo, seed_hi, drop_threshold, keep_scale,
-                                 NEED_DX, NEED_DTHETA, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION,
-                                 SPLIT_ACC)
+    single = num_programs == 1
+    if pid < num_helpers:
+        for m in range(pid, num_m, num_helpers):
+            if NEED_DX and not single:  # stay within `lookahead` groups of the workers
+                _wait_at_least(dx_done_ptr, (m // GROUP_M - lookahead) * GROUP_M * num_k)
+            _bwd_row_block(dy_ptr, x_ptr, b_ptr, u_ptr, sv_ptr, part_a_ptr, part_b_ptr, part_db_ptr, ticket_ptr,
+                           v_ready_ptr, m, num_slots, n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_xm,
+                           stride_xk, scaling, seed_lo, seed_hi, drop_threshold, keep_scale, zero, NEED_DTHETA,
+                           NEED_DBIAS, HAS_DROPOUT, BLOCK_M, HELPER_BLOCK_K, HELPER_STAGES, R_PAD, DOT_PRECISION,
+                           SPLIT_ACC)
+            _signal(rows_done_ptr)
+    if NEED_DX:
+        if (pid >= num_helpers) | single:
+            worker = tl.where(single, 0, pid - num_helpers)
+            num_workers = tl.where(single, 1, num_programs - num_helpers)
+            for t in tl.range(worker, num_m * num_k, num_workers, flatten=FLATTEN):
+                m, k = _grouped_tile(t, num_m, num_k, GROUP_M)
+                _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, dy_desc, w_desc, dx_desc, v_ready_ptr, m, k,
+                             n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dxm,
+                             stride_dxk, seed_lo, seed_hi, drop_threshold, keep_scale, zero, HAS_DROPOUT, USE_TMA,
+                             BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
+                tl.atomic_add(dx_done_ptr, 1, sem="relaxed")  # progress only: no data is published
+    if HAS_RED:
+        num_red_a = tl.cdiv(d_in, RED_BLOCK) if NEED_DTHETA else 0
+        num_red = num_red_a + tl.cdiv(d_out, RED_BLOCK)
+        num_dtheta = 0
+        if NEED_DTHETA:
+            num_dtheta = tl.cdiv(d_in, DT_BLOCK) if MODE_PAPER else tl.cdiv(d_in, DT_BLOCK) + tl.cdiv(d_out, DT_BLOCK)
+        for t in range(pid, num_red + num_dtheta, num_programs):
+            if t < num_red:
+                _wait_at_least(rows_done_ptr, num_m)
+                if t < num_red_a:
                     if NEED_DTHETA:
-                        _signal(partials_done_ptr)
-        elif t < num_group_tiles + num_red:
-            if HAS_RED:
-                _wait_at_least(partials_done_ptr, num_partial_tiles)
-                r = t - num_group_tiles
-                if r < num_red_a:
-                    if NEED_DTHETA:
-                        _bwd_reduce_a(part_a_ptr, grad_a_ptr, r, num_slots, d_in, RED_BLOCK, R_PAD)
+                        _bwd_reduce_a(part_a_ptr, grad_a_ptr, t, num_slots, d_in, RED_BLOCK, R_PAD)
                 else:
-                    _bwd_reduce_b(part_b_ptr, part_db_ptr, grad_b_ptr, db_ptr, r - num_red_a, num_slots, d_out,
+                    _bwd_reduce_b(part_b_ptr, part_db_ptr, grad_b_ptr, db_ptr, t - num_red_a, num_slots, d_out,
                                   NEED_DTHETA, NEED_DBIAS, RED_BLOCK, R_PAD)
                 _signal(red_done_ptr)
-        else:
-            if NEED_DTHETA:
-                _wait_at_least(red_done_ptr, num_red)
-                _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, t - num_group_tiles - num_red,
-                                 d_in, d_out, rank, stride_wn, stride_wk, MODE_PAPER, DT_BLOCK, BLOCK_K, R_PAD,
-                                 F32_DOT_PRECISION, SPLIT_ACC)
-    _exit_and_reset_flags(flags_ptr, 3 + num_m + num_slots * (1 + num_k), num_programs, FLAG_BLOCK)
+            else:
+                if NEED_DTHETA:
+                    _wait_at_least(red_done_ptr, num_red)
+                    _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, t - num_red, d_in, d_out, rank,
+                                     stride_wn, stride_wk, zero, MODE_PAPER, DT_BLOCK, BLOCK_K, R_PAD,
+                                     F32_DOT_PRECISION, SPLIT_ACC)
+    _exit_and_reset_flags(flags_ptr, 4 + num_m + num_slots, num_programs, FLAG_BLOCK)
 
 
 # ==================================================================================================
@@ -604,6 +648,8 @@ def _condlora_bwd_kernel(
 # ==================================================================================================
 
 FLAG_BLOCK = 128
+FLATTEN = True  # flatten the backward workers' persistent loop (tutorial 09)
+LOOKAHEAD_GROUPS = 2  # how many groups of row blocks the backward's helpers may run ahead of its workers
 
 
 def _interpreting() -> bool:
@@ -614,25 +660,94 @@ def _r_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def _num_programs(device: torch.device, num_tiles: int) -> int:
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_programs(device: torch.device, work_items: int) -> int:
     """One program per SM at most, so that all are resident at once (the flags rely on it); 1 when
     interpreting, where programs run one after another."""
     if _interpreting() or device.type != "cuda":
         return 1
-    return max(1, min(num_tiles, torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(work_items, _sm_count(device.index if device.index is not None else torch.cuda.current_device())))
+
+
+# Rough per-SM rates that size the backward's helper group: a helper streams rows of x and dy at about
+# HELPER_BYTES_PER_S (about 30 GB/s measured on an H100: its loop is bound by latency, not by HBM), a
+# worker multiplies at about WORKER_FLOPS_PER_S (bf16). With them _num_helpers picks the helper counts
+# that measured best on the H100 (16 at d = 4096, 8 at d = 8192, 11-16 for 4096 -> 11008; NOTES.md).
+HELPER_BYTES_PER_S = 30e9
+WORKER_FLOPS_PER_S = 5e12
+HELPERS_OVERRIDE: Optional[int] = None  # tuning hook (benchmarks/triton_explore.py)
+
+
+def _num_helpers(num_programs: int, helper_bytes: float, worker_flops: float, num_m: int, min_helpers: int) -> int:
+    """How many programs do the rank-r row work while the others multiply: enough that the helpers'
+    share of the time matches their share of the work, with a margin of 1.5 so that they stay ahead,
+    and at least `min_helpers` so the first group's rows are ready when the first output tiles are."""
+    if num_programs == 1:
+        return 1
+    if HELPERS_OVERRIDE is not None:
+        return max(1, min(HELPERS_OVERRIDE, num_programs - 1))
+    t_helper = helper_bytes / HELPER_BYTES_PER_S
+    t_worker = worker_flops / WORKER_FLOPS_PER_S
+    wanted = math.ceil(1.5 * num_programs * t_helper / max(t_helper + t_worker, 1e-30))
+    return max(1, min(max(wanted, min_helpers), num_m, num_programs // 4 if num_programs >= 8 else 1))
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """True while torch.compile (or opcheck) traces the op: the tensors are fake or functional wrappers,
+    not plain tensors, and have no memory that could be cached across calls."""
+    return type(t) is not torch.Tensor or torch.compiler.is_compiling()
+
+
+def _launchable(kernel, like: torch.Tensor):
+    """The kernel itself in eager mode; wrapped for torch.compile while tracing. (Called outside a
+    triton_op body, wrap_triton routes every launch through a higher-order op that keeps its constant
+    arguments in a global table: slower, and it holds on to the tensors behind tensor descriptors.)"""
+    return torch.library.wrap_triton(kernel) if _tracing(like) else kernel
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether TMA tensor descriptors can address these 2-D tensors: a Hopper GPU or newer (or the
+    interpreter), unit stride in the last dimension, 16-byte aligned rows and start (the caching
+    allocator aligns every allocation to 512 bytes, so the start is aligned when the storage offset
+    is). Not in float64 (the interpreter's gradcheck)."""
+    device = tensors[0].device
+    if not _interpreting() and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if (t.dtype == torch.float64 or t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * size) % 16
+                or (t.storage_offset() * size) % 16):
+            return False
+    return True
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """TMA main loops in eager mode only. Traced by torch.compile, a triton_op's host-side tensor
+    descriptors keep the fake tensor they were built from and the compiled graph cannot run them
+    (torch 2.11: "Cannot access data pointer of Tensor"), so traced graphs take the pointer main loop."""
+    return not _tracing(tensors[0]) and _tma_ready(*tensors)
+
+
+def _descriptor(t: torch.Tensor, block_shape):
+    return TensorDescriptor.from_tensor(t, list(block_shape))
 
 
 MAX_SLOTS_OVERRIDE: Optional[int] = None  # tests set it to make row blocks share slots
 
 
-def _num_slots(n_rows: int, num_m: int, d_in: int, d_out: int, r_pad: int, elem_size: int) -> int:
-    """Partial-sum slots of the backward: one per row block (each written once, no turns) while the
-    float32 workspace stays within the size of one activation gradient (N * max(d_in, d_out) elements
-    of the input dtype, 32 MiB at least); fewer, shared in turns, beyond that."""
+def _num_slots(n_rows: int, num_m: int, d_in: int, d_out: int, r_pad: int, elem_size: int, num_helpers: int) -> int:
+    """Partial-sum slots of the backward: one per row block, each written once (no read-back, no turns:
+    the helpers just store), while the float32 workspace stays within the size of one activation
+    gradient (N * max(d_in, d_out) elements of the input dtype, 32 MiB at least); fewer, shared in
+    turns, beyond that."""
     per_slot = r_pad * (d_in + d_out + 1) * 4
     budget = max(32 << 20, n_rows * max(d_in, d_out) * elem_size)
-    slots = max(1, min(num_m, budget // per_slot))
-    return min(slots, MAX_SLOTS_OVERRIDE) if MAX_SLOTS_OVERRIDE else slots
+    slots = min(num_m, max(1, budget // per_slot))
+    return max(1, min(slots, MAX_SLOTS_OVERRIDE) if MAX_SLOTS_OVERRIDE else slots)
 
 
 def _dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -653,35 +768,96 @@ INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_war
 
 def _fwd_config(n_rows: int, d_out: int, r_pad: int, dtype: torch.dtype) -> dict:
     """Output tile of the forward (Y tiles). The 128 x 256 x 64 tile of the Hopper matmul tutorials for
-    large problems (254 registers, no spills on sm_90: benchmarks/compile_check.py); 128 x 128 for
-    float32, large ranks and problems too small to fill the GPU with 128 x 256 tiles."""
+    large problems (255 registers, no spills on sm_90 for r <= 16: benchmarks/compile_check.py); 128 x 128
+    for float32 and for problems too small to fill the GPU with 128 x 256 tiles; two pipeline stages for
+    ranks of 128 and more, whose rank-r operands take shared memory too."""
     if _interpreting():
         return INTERPRETER_CONFIG
     if FWD_CONFIG_OVERRIDE is not None:
         return FWD_CONFIG_OVERRIDE
+    if r_pad >= 128:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    if r_pad > 64 or n_rows * d_out < 132 * 128 * 256 * 2:
+    if r_pad >= 64:  # its u and B operands take shared memory: Triton 3.6 needed 262 KiB at 128 x 256 x 3 stages
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
+    if n_rows * d_out < 132 * 128 * 256 * 2:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _bwd_config(n_rows: int, d_in: int, r_pad: int, dtype: torch.dtype, has_dropout: bool) -> dict:
     """Output tile of the backward (DX tiles). A dropout epilogue holds a second float32 tile in
-    registers, which spills at 128 x 256: it takes 128 x 128."""
+    registers, which spills heavily at 128 x 256: it takes 128 x 128. Ranks of 128 and more take
+    64 x 128 x 32 tiles in two stages (shared memory)."""
     if _interpreting():
         return INTERPRETER_CONFIG
     if BWD_CONFIG_OVERRIDE is not None:
         return BWD_CONFIG_OVERRIDE
+    if r_pad >= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    if has_dropout or r_pad > 64 or n_rows * d_in < 132 * 128 * 256 * 2:
+    if r_pad >= 64:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
+    if has_dropout or n_rows * d_in < 132 * 128 * 256 * 2:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _flags(n: int, device) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.int32, device=device)
+_FLAG_WORKSPACES: dict = {}
+
+
+def _helper_loop(dtype: torch.dtype, r_pad: int) -> dict:
+    """Chunk width and pipeline depth of the streaming loops over rows of x and dy (U, V, the dA
+    partials): 128 columns, 4 stages in flight, ~32 KiB each for bf16, so that one SM reading a row
+    block alone keeps enough bytes in flight; 64 columns and 2 stages for float32 and ranks of 64 and
+    more, whose operands need the shared memory."""
+    if _interpreting():
+        return dict(HELPER_BLOCK_K=32, HELPER_STAGES=1)
+    if dtype == torch.float32 or r_pad >= 64:
+        return dict(HELPER_BLOCK_K=64, HELPER_STAGES=2)
+    return dict(HELPER_BLOCK_K=128, HELPER_STAGES=4)
+
+
+_STAGE_LIMITS: dict = {}  # launch configuration -> the most pipeline stages that fit this GPU's shared memory
+
+
+def _launch(kernel, grid, args, meta: dict, like: torch.Tensor) -> None:
+    """Launch, with one fallback: a configuration whose pipeline does not fit the GPU's shared memory
+    (an A100 has 164 KiB, an H100 227 KiB; Triton versions lay buffers out differently) is retried with
+    one stage fewer, and the limit is remembered. Said once, as a warning: it costs some speed."""
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), like.device,
+           tuple(sorted((k, v) for k, v in meta.items() if k != "num_stages")))
+    stages = min(meta["num_stages"], _STAGE_LIMITS.get(key, meta["num_stages"]))
+    while True:
+        try:
+            _launchable(kernel, like)[grid](*args, **{**meta, "num_stages": stages})
+            return
+        except triton.runtime.errors.OutOfResources as exc:
+            if stages <= 1 or _tracing(like):
+                raise
+            stages -= 1
+            _STAGE_LIMITS[key] = stages
+            warnings.warn(f"condlora_kernels: {key[0]} with {dict(key[2])} does not fit this GPU's shared memory "
+                          f"({exc}); using {stages} pipeline stage(s)", stacklevel=3)
+
+
+def _flags(n: int, like: torch.Tensor) -> torch.Tensor:
+    """n int32 dependency flags, zero on entry. In eager mode one buffer per (device, stream) is kept:
+    every launch leaves its flags zeroed at exit (_exit_and_reset_flags), so the next launch on that
+    stream finds them clean and no zero-fill launch is needed per call. Under torch.compile tracing a
+    fresh zeroed tensor (a traced op)."""
+    device = like.device
+    if _tracing(like):
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _FLAG_WORKSPACES.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _FLAG_WORKSPACES[key] = buf
+    return buf
 
 
 def _seed_args(seed: Optional[torch.Tensor], dropout_p: float, dummy: torch.Tensor):
@@ -689,11 +865,6 @@ def _seed_args(seed: Optional[torch.Tensor], dropout_p: float, dummy: torch.Tens
     if dropout_p > 0.0:
         return seed, reference.dropout_keep_scale(dropout_p), reference.dropout_threshold(dropout_p)
     return dummy, 1.0, 0
-
-
-def _schedule_tiles(num_m: int, num_cols: int, group_m: int) -> int:
-    """Tiles of the lookahead schedule H(0) | H(1) O(0) | ... | H(G) O(G-1) (see _lookahead_tile)."""
-    return (triton.cdiv(num_m, group_m) + 1) * group_m + num_m * num_cols
 
 
 def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float, dropout_p: float,
@@ -711,26 +882,30 @@ def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float,
     theta_a = theta_a.contiguous()
     theta_b = theta_b.contiguous()
     cfg = _fwd_config(n_rows, d_out, r_pad, dtype)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     gen_block = 32 if _interpreting() else 64
-    num_m = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    num_m = triton.cdiv(n_rows, bm)
     num_gen = triton.cdiv(d_out, gen_block) + (0 if paper_mode else triton.cdiv(d_in, gen_block))
-    num_tiles = num_gen + _schedule_tiles(num_m, triton.cdiv(d_out, cfg["BLOCK_N"]), cfg["GROUP_M"])
+    num_tiles = num_gen + (triton.cdiv(num_m, cfg["GROUP_M"]) + 1) * cfg["GROUP_M"] + num_m * triton.cdiv(d_out, bn)
     num_programs = _num_programs(device, num_tiles)
-    flags = _flags(2 + num_m, device)
+    flags = _flags(2 + num_m, x2d)
     seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
     dot_precision, _ = _dot_precisions(dtype)
-    kernel = torch.library.wrap_triton(_condlora_fwd_kernel)
-    kernel[(num_programs,)](
-        x2d, weight, bias if bias is not None else y, theta_a, theta_b, y, u, lora_a, lora_b, flags, seed_t,
-        n_rows, d_in, d_out, rank,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), theta_a.stride(0), theta_b.stride(0),
-        y.stride(0), y.stride(1),
-        float(scaling), keep_scale, threshold, num_programs,
-        MODE_PAPER=paper_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        GEN_BLOCK=gen_block, R_PAD=r_pad, DOT_PRECISION=dot_precision, SPLIT_ACC=dtype == torch.float32,
-        FLAG_BLOCK=FLAG_BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    use_tma = _use_tma(x2d, weight, y) and n_rows > 0
+    if use_tma:
+        descs = (_descriptor(x2d, (bm, bk)), _descriptor(weight, (bn, bk)), _descriptor(y, (bm, bn)))
+    else:  # placeholders: USE_TMA=False keeps the kernel from touching them
+        descs = (x2d, weight, y)
+    args = (x2d, weight, bias if bias is not None else y, theta_a, theta_b, y, u, lora_a, lora_b, flags, seed_t, *descs,
+            n_rows, d_in, d_out, rank,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), theta_a.stride(0), theta_b.stride(0),
+            y.stride(0), y.stride(1),
+            float(scaling), keep_scale, threshold, num_programs, 0.0)
+    meta = dict(MODE_PAPER=paper_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, USE_TMA=use_tma,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], GEN_BLOCK=gen_block, R_PAD=r_pad,
+                DOT_PRECISION=dot_precision, SPLIT_ACC=dtype == torch.float32, FLAG_BLOCK=FLAG_BLOCK,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_helper_loop(dtype, r_pad))
+    _launch(_condlora_fwd_kernel, (num_programs,), args, meta, x2d)
     return y, u, lora_a, lora_b
 
 
@@ -758,45 +933,56 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
         return dx, dta, dtb, db
 
     cfg = _bwd_config(n_rows, d_in, r_pad, dtype, dropout_p > 0.0)
-    num_m = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    num_k = triton.cdiv(d_in, cfg["BLOCK_N"])
-    num_slots = _num_slots(n_rows, num_m, d_in, d_out, r_pad, x2d.element_size())
-    # the kernel's workspace offsets are int32: slots * r_pad * d stays far below 2^31 by the budget above
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    num_m = triton.cdiv(n_rows, bm)
+    num_programs = _num_programs(device, num_m * triton.cdiv(d_in, bn) + 1 if need_dx else num_m)
+    # a helper reads dy and x once per row block; a dropout mask costs about one more pass, and the
+    # rank-r dots and partial-sum stores grow with the rank
+    helper_bytes = n_rows * (d_out + (d_in * (2 if dropout_p > 0 else 1) if need_dtheta else 0)) * x2d.element_size()
+    helper_bytes *= max(1.0, r_pad / 32)
+    num_helpers = _num_helpers(num_programs, helper_bytes, 2.0 * n_rows * d_in * d_out if need_dx else 0.0, num_m,
+                               min_helpers=8)
+    num_slots = _num_slots(n_rows, num_m, d_in, d_out, r_pad, x2d.element_size(), num_helpers)
+    # the kernel's workspace offsets are int32: slots * r_pad * d stays far below 2^31 by the cap above
     assert num_slots * r_pad * max(d_in, d_out) < 2**31, "partial-sum workspace too large for int32 offsets"
-    acc = dict(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    # workspaces: s v (input dtype), float32 partial sums and the reduced dA, dB. An argument that is not
-    # needed gets the flags tensor as a placeholder: its constexpr switch keeps the kernel from touching it.
-    flags = _flags(3 + num_m + num_slots * (1 + num_k), device)
+    # workspaces: s v (input dtype); float32 partial sums and the reduced dA, dB, carved from one
+    # allocation. An argument that is not needed gets the flags tensor as a placeholder: its constexpr
+    # switch keeps the kernel from touching it.
+    flags = _flags(4 + num_m + num_slots, x2d)
     sv = torch.empty((n_rows, r_pad), device=device, dtype=dtype)
-    part_a = torch.empty((num_slots, r_pad, d_in), **acc) if need_dtheta else flags
-    part_b = torch.empty((num_slots, d_out, r_pad), **acc) if need_dtheta else flags
-    part_db = torch.empty((num_slots, d_out), **acc) if need_dbias else flags
-    grad_a = torch.empty((r_pad, d_in), **acc) if need_dtheta else flags
-    grad_b = torch.empty((d_out, r_pad), **acc) if need_dtheta else flags
+    sizes = {"part_a": (num_slots, r_pad, d_in) if need_dtheta else None,
+             "part_b": (num_slots, d_out, r_pad) if need_dtheta else None,
+             "part_db": (num_slots, d_out) if need_dbias else None,
+             "grad_a": (r_pad, d_in) if need_dtheta else None,
+             "grad_b": (d_out, r_pad) if need_dtheta else None}
+    numels = {name: (math.prod(shape) if shape else 0) for name, shape in sizes.items()}
+    work = torch.empty(sum(numels.values()), device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    views, offset = {}, 0
+    for name, shape in sizes.items():
+        views[name] = work[offset:offset + numels[name]].view(shape) if shape else flags
+        offset += numels[name]
+    part_a, part_b, part_db, grad_a, grad_b = (views[k] for k in ("part_a", "part_b", "part_db", "grad_a", "grad_b"))
     red_block, dt_block = (32, 32) if _interpreting() else (64, 64)
-    num_tiles = _schedule_tiles(num_m, num_k if (need_dx or need_dtheta) else 0, cfg["GROUP_M"])
-    if need_dtheta or need_dbias:
-        num_tiles += (triton.cdiv(d_in, red_block) if need_dtheta else 0) + triton.cdiv(d_out, red_block)
-    if need_dtheta:
-        num_tiles += triton.cdiv(d_in, dt_block) + (0 if paper_mode else triton.cdiv(d_out, dt_block))
-    num_programs = _num_programs(device, num_tiles)
     seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
     dot_precision, f32_precision = _dot_precisions(dtype)
-    kernel = torch.library.wrap_triton(_condlora_bwd_kernel)
-    kernel[(num_programs,)](
-        grad_y, x2d, weight, lora_a, lora_b, u, dx, dta, dtb, db,
-        sv, part_a, part_b, part_db, grad_a, grad_b, flags, seed_t,
-        n_rows, d_in, d_out, rank, num_slots,
-        grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-        dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-        float(scaling), keep_scale, threshold, num_programs,
-        MODE_PAPER=paper_mode, HAS_DROPOUT=dropout_p > 0.0,
-        NEED_DX=need_dx, NEED_DTHETA=need_dtheta, NEED_DBIAS=need_dbias,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        RED_BLOCK=red_block, DT_BLOCK=dt_block, R_PAD=r_pad,
-        DOT_PRECISION=dot_precision, F32_DOT_PRECISION=f32_precision, SPLIT_ACC=dtype == torch.float32,
-        FLAG_BLOCK=FLAG_BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    use_tma = need_dx and _use_tma(grad_y, weight, dx)
+    if use_tma:
+        descs = (_descriptor(grad_y, (bm, bk)), _descriptor(weight, (bk, bn)), _descriptor(dx, (bm, bn)))
+    else:  # placeholders: USE_TMA=False keeps the kernel from touching them
+        descs = (grad_y, weight, x2d)
+    args = (grad_y, x2d, weight, lora_a, lora_b, u, dx, dta, dtb, db,
+            sv, part_a, part_b, part_db, grad_a, grad_b, flags, seed_t, *descs,
+            n_rows, d_in, d_out, rank, num_slots,
+            grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+            dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+            float(scaling), keep_scale, threshold, num_programs, num_helpers, LOOKAHEAD_GROUPS, 0.0)
+    meta = dict(MODE_PAPER=paper_mode, HAS_DROPOUT=dropout_p > 0.0, USE_TMA=use_tma,
+                NEED_DX=need_dx, NEED_DTHETA=need_dtheta, NEED_DBIAS=need_dbias,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], RED_BLOCK=red_block, DT_BLOCK=dt_block,
+                R_PAD=r_pad, DOT_PRECISION=dot_precision, F32_DOT_PRECISION=f32_precision,
+                SPLIT_ACC=dtype == torch.float32, FLATTEN=FLATTEN, FLAG_BLOCK=FLAG_BLOCK,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_helper_loop(dtype, r_pad))
+    _launch(_condlora_bwd_kernel, (num_programs,), args, meta, x2d)
     return dx, dta, dtb, db
 
 
@@ -814,14 +1000,20 @@ def forward_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, paper_mode)
 
 
+def _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode, need_dx,
+                         need_dtheta, need_dbias):
+    return condlora_backward_launch(grad_y, x2d, weight, lora_a.contiguous(), lora_b.contiguous(), u.contiguous(),
+                                    scaling, dropout_p, seed, paper_mode, need_dx, need_dtheta, need_dbias)
+
+
 @torch.library.triton_op("condlora_triton::backward", mutates_args=())
 def backward_op(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, u: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
                 paper_mode: bool, need_dx: bool, need_dtheta: bool,
                 need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dtheta_a, dtheta_b, dbias) of the CondLoRA backward, in one launch (empty where not needed)."""
-    return condlora_backward_launch(grad_y, x2d, weight, lora_a.contiguous(), lora_b.contiguous(), u.contiguous(),
-                                    scaling, dropout_p, seed, paper_mode, need_dx, need_dtheta, need_dbias)
+    return _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode,
+                                need_dx, need_dtheta, need_dbias)
 
 
 # ==================================================================================================
@@ -849,17 +1041,24 @@ class TritonBackend:
             return None
         return f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {x.device.type}"
 
+    # Under torch.compile the registered ops are what gets traced. In eager mode the launchers are called
+    # directly: the same kernels, without the custom-op dispatcher, which costs more host time per call
+    # (measured on the H100 machine, benchmarks/NOTES.md) than a small layer's whole GPU time.
+
     @staticmethod
     def forward(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode):
-        y, u, lora_a, lora_b = torch.ops.condlora_triton.forward(x2d, weight, bias, theta_a, theta_b, scaling,
-                                                                 dropout_p, seed, mode == "paper")
+        op = torch.ops.condlora_triton.forward if torch.compiler.is_compiling() else condlora_forward_launch
+        y, u, lora_a, lora_b = op(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode == "paper")
         return reference.ForwardOutputs(y, u, lora_a, lora_b)
 
     @staticmethod
     def backward(grad_y, x2d, weight, theta_a, theta_b, u, lora_a, lora_b, scaling, dropout_p, seed, mode, needs):
         need_x, need_ta, need_tb, need_b = needs
-        dx, dta, dtb, db = torch.ops.condlora_triton.backward(grad_y, x2d, weight, lora_a, lora_b, u, scaling,
-                                                              dropout_p, seed, mode == "paper", need_x,
-                                                              need_ta or need_tb, need_b)
+        if torch.compiler.is_compiling():
+            op = torch.ops.condlora_triton.backward
+        else:
+            op = _backward_contiguous
+        dx, dta, dtb, db = op(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, mode == "paper",
+                              need_x, need_ta or need_tb, need_b)
         return reference.BackwardOutputs(dx if need_x else None, dta if need_ta else None,
                                          dtb if need_tb else None, db if need_b else None)
