@@ -11,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (pytest-xdist, ...)
 fi
 want() { [[ " $* " == *" $STEP "* ]]; }
 steps="$*"
-skip_ext=1; [[ " $steps " == *" cpp "* ]] && skip_ext=0
+skip_ext=1; [[ " $steps " == *" cpp "* || " $steps " == *" build "* ]] && skip_ext=0
 start=$(date +%s)
 CONDLORA_SKIP_EXT=$skip_ext python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { tail -30 "$OUT/install.log"; exit 1; }
@@ -31,7 +31,9 @@ for STEP in $steps; do
     gemm) timeout 300 python3 benchmarks/triton_explore.py --gemm-sweep --out "$OUT/gemm_sweep.json" 2>&1 | tee "$OUT/gemm.log" | grep -E "^GEMM|Error" ;;
     helpers) timeout 300 python3 benchmarks/triton_explore.py --helpers --out "$OUT/helpers.json" 2>&1 | tee "$OUT/helpers.log" | grep -E "^HELPERS|Error" ;;
     profile) timeout 120 python3 benchmarks/triton_explore.py --profile 2>&1 | tee "$OUT/profile.log" | head -60 ;;
-    bench) python3 -m condlora_kernels bench --output "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+    bench) timeout 420 python3 -m condlora_kernels bench --output "$OUT/bench" \
+             --providers frozen lora peft_lora paper_code paper_code_compiled "condlora[triton]" "condlora[cuda]" \
+             2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac
   echo "step $STEP: $(( $(date +%s) - t0 )) s"
 done

@@ -41,10 +41,18 @@ def _assert_all_ok(results):
     assert not bad, "\n".join(bad)
 
 
+@pytest.fixture(params=["pointer", "tma"])
+def main_loop(request, monkeypatch):
+    """Run a test through the pointer main loop and through the TMA one (which eager mode takes above
+    TMA_MIN_MACS multiply-adds, where the tensors' strides allow it)."""
+    monkeypatch.setattr(tk, "TMA_MIN_MACS", 0 if request.param == "tma" else 2**62)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-def test_odd_shapes_float32(shape, dropout_p, bias):
+def test_odd_shapes_float32(shape, dropout_p, bias, main_loop):
     mode, n, d_in, d_out, r = shape
     problem = make_problem(n, d_in, d_out, r, mode=mode, bias=bias, dtype=torch.float32, device=DEVICE, seed=n + r)
     _assert_all_ok(backend_vs_reference("triton", problem, dropout_p=dropout_p))
@@ -216,7 +224,7 @@ GPU_CASES = ([(torch.bfloat16, shape) for shape in GPU_SHAPES]
 @pytest.mark.parametrize("dtype,shape", GPU_CASES, ids=lambda v: str(v).replace("torch.", "") if isinstance(v, torch.dtype)
                          else "-".join(map(str, v)))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_gpu_against_reference(dtype, shape, dropout_p):
+def test_gpu_against_reference(dtype, shape, dropout_p, main_loop):
     mode, n, d_in, d_out, r = shape
     problem = make_problem(n, d_in, d_out, r, mode=mode, dtype=dtype, device="cuda", seed=n)
     _assert_all_ok(backend_vs_reference("triton", problem, dropout_p=dropout_p))

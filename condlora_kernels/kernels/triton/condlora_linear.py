@@ -113,7 +113,8 @@ def _mma(a, b, acc, zero, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     error near cuBLAS's instead of growing with all of K. `zero` is a runtime 0.0 (a kernel argument):
     with a constant zero, Triton folds add(dot(a, b, 0), acc) back into dot(a, b, acc)."""
     if SPLIT_ACC:
-        return acc + tl.dot(a, b, tl.zeros_like(acc) + zero, input_precision=DOT_PRECISION)
+        # (zero is cast: torch.compile passes Python floats to Triton as float64)
+        return acc + tl.dot(a, b, (tl.zeros_like(acc) + zero).to(acc.dtype), input_precision=DOT_PRECISION)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
@@ -472,7 +473,7 @@ def _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, dy_desc, w_desc, dx_desc,
     if HAS_DROPOUT:
         low_rank = tl.dot(sv, a, input_precision=DOT_PRECISION)
         keep = _dropout_keep(seed_lo, seed_hi, rows, k * BLOCK_N, d_in, drop_threshold, BLOCK_M, BLOCK_N)
-        acc += tl.where(keep, low_rank * keep_scale, 0.0)
+        acc += tl.where(keep, low_rank * keep_scale, 0.0).to(ACC)  # keep_scale may come in as float64
     else:
         acc = tl.dot(sv, a, acc, input_precision=DOT_PRECISION)
     if USE_TMA:
@@ -725,11 +726,18 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _use_tma(*tensors: torch.Tensor) -> bool:
-    """TMA main loops in eager mode only. Traced by torch.compile, a triton_op's host-side tensor
-    descriptors keep the fake tensor they were built from and the compiled graph cannot run them
-    (torch 2.11: "Cannot access data pointer of Tensor"), so traced graphs take the pointer main loop."""
-    return not _tracing(tensors[0]) and _tma_ready(*tensors)
+# Building the host-side tensor descriptors costs ~90 us of host time per launch (measured on the H100
+# machine, benchmarks/NOTES.md); below this many multiply-adds the GEMM cannot hide it, and the pointer
+# main loop, ~10% slower on the GPU, is the faster choice.
+TMA_MIN_MACS = 2**35
+
+
+def _use_tma(macs: int, *tensors: torch.Tensor) -> bool:
+    """TMA main loops in eager mode, for problems large enough to hide the descriptors' host cost.
+    Traced by torch.compile, a triton_op's host-side tensor descriptors keep the fake tensor they were
+    built from and the compiled graph cannot run them (torch 2.11: "Cannot access data pointer of
+    Tensor"), so traced graphs take the pointer main loop."""
+    return macs >= TMA_MIN_MACS and not _tracing(tensors[0]) and _tma_ready(*tensors)
 
 
 def _descriptor(t: torch.Tensor, block_shape):
@@ -891,7 +899,7 @@ def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float,
     flags = _flags(2 + num_m, x2d)
     seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
     dot_precision, _ = _dot_precisions(dtype)
-    use_tma = _use_tma(x2d, weight, y) and n_rows > 0
+    use_tma = _use_tma(n_rows * d_in * d_out, x2d, weight, y) and n_rows > 0
     if use_tma:
         descs = (_descriptor(x2d, (bm, bk)), _descriptor(weight, (bn, bk)), _descriptor(y, (bm, bn)))
     else:  # placeholders: USE_TMA=False keeps the kernel from touching them
@@ -965,7 +973,7 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
     red_block, dt_block = (32, 32) if _interpreting() else (64, 64)
     seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
     dot_precision, f32_precision = _dot_precisions(dtype)
-    use_tma = need_dx and _use_tma(grad_y, weight, dx)
+    use_tma = need_dx and _use_tma(n_rows * d_in * d_out, grad_y, weight, dx)
     if use_tma:
         descs = (_descriptor(grad_y, (bm, bk)), _descriptor(weight, (bk, bn)), _descriptor(dx, (bm, bn)))
     else:  # placeholders: USE_TMA=False keeps the kernel from touching them
