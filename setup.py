@@ -40,15 +40,22 @@ def _default_max_jobs() -> int:
 
 
 def _find_cuda_home():
-    """The CUDA toolkit root, or None where there is no nvcc (torch's guess may be a folder without one)."""
+    """The CUDA toolkit root, or None. A root must hold both bin/nvcc and include/cuda_runtime.h: an nvcc on
+    the PATH may be a wrapper script (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc), whose
+    folder's parent is no toolkit, and torch's own guess is made that way."""
     from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
-    if (home is None or not os.path.exists(os.path.join(home, "bin", "nvcc"))) and shutil.which("nvcc"):
-        home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
-    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return None
-    return home
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
 
 
 def _nvidia_pip_include_dirs(cuda_home):
