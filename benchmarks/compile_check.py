@@ -108,14 +108,14 @@ def main(argv=None):
             fwd = tk._fwd_config(16384, 4096, r_pad, tdt)
             for dropout in (False, True):
                 bwd = tk._bwd_config(16384, 4096, r_pad, tdt, dropout)
-                choices.append((dtype, r_pad, dropout, fwd, bwd))
-    for dtype, r_pad, dropout, fwd, bwd in choices:
+                choices.append((dtype, tdt, r_pad, dropout, fwd, bwd))
+    for dtype, tdt, r_pad, dropout, fwd, bwd in choices:
         dot = "ieee" if dtype == "fp32" else "tf32"
         split = dtype == "fp32"
         for paper in (True, False):
             const = dict(MODE_PAPER=paper, HAS_BIAS=True, HAS_DROPOUT=dropout, BLOCK_M=fwd["BLOCK_M"],
                          BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"], GROUP_M=fwd["GROUP_M"], GEN_BLOCK=64,
-                         R_PAD=r_pad, DOT_PRECISION=dot, SPLIT_ACC=split, FLATTEN=True, FLAG_BLOCK=128)
+                         R_PAD=r_pad, DOT_PRECISION=dot, SPLIT_ACC=split, FLAG_BLOCK=128, **tk._helper_loop(tdt, r_pad))
             label = (f"fwd {dtype} r_pad={r_pad} {fwd['BLOCK_M']}x{fwd['BLOCK_N']}x{fwd['BLOCK_K']} "
                      f"w{fwd['num_warps']} s{fwd['num_stages']} paper={paper} dropout={dropout}")
             ok &= _report(label, tk._condlora_fwd_kernel, const, dtype, args.arch, fwd["num_warps"], fwd["num_stages"])
@@ -127,7 +127,7 @@ def main(argv=None):
                          NEED_DBIAS=need_dbias, BLOCK_M=bwd["BLOCK_M"], BLOCK_N=bwd["BLOCK_N"],
                          BLOCK_K=bwd["BLOCK_K"], GROUP_M=bwd["GROUP_M"], RED_BLOCK=64, DT_BLOCK=64, R_PAD=r_pad,
                          DOT_PRECISION=dot, F32_DOT_PRECISION="tf32" if dtype != "fp32" else "ieee",
-                         SPLIT_ACC=split, FLATTEN=True, FLAG_BLOCK=128)
+                         SPLIT_ACC=split, FLATTEN=True, FLAG_BLOCK=128, **tk._helper_loop(tdt, r_pad))
             label = (f"bwd {dtype} r_pad={r_pad} {bwd['BLOCK_M']}x{bwd['BLOCK_N']}x{bwd['BLOCK_K']} "
                      f"w{bwd['num_warps']} s{bwd['num_stages']} dropout={dropout} "
                      f"needs(dx,dtheta,db)={need_dx:d}{need_dtheta:d}{need_dbias:d}")

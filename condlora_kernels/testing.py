@@ -77,6 +77,13 @@ class Problem:
     def tensors(self):
         return self.x, self.weight, self.bias, self.theta_a, self.theta_b
 
+    def leaves(self, bias: bool = True):
+        """(x, weight, bias, theta_a, theta_b) as fresh leaves: x, bias and the thetas require grad, the frozen
+        weight does not; bias is None when the problem has none or `bias` is False."""
+        b = self.bias.clone().requires_grad_(True) if (bias and self.bias is not None) else None
+        return (self.x.clone().requires_grad_(True), self.weight, b, self.theta_a.clone().requires_grad_(True),
+                self.theta_b.clone().requires_grad_(True))
+
 
 def make_problem(n_rows: int, d_in: int, d_out: int, r: int, *, mode: str = "general", bias: bool = True,
                  dtype=torch.float32, device="cpu", scaling: float = 2.0, seed: int = 0,

@@ -10,13 +10,6 @@ from condlora_kernels.testing import make_problem
 F64 = torch.float64
 
 
-def _leaf(problem, bias=True):
-    p = problem
-    x = p.x.clone().requires_grad_(True)
-    ta = p.theta_a.clone().requires_grad_(True)
-    tb = p.theta_b.clone().requires_grad_(True)
-    b = p.bias.clone().requires_grad_(True) if (bias and p.bias is not None) else None
-    return x, p.weight, b, ta, tb
 
 
 @pytest.mark.parametrize("mode,d_in,d_out", [("paper", 10, 10), ("general", 9, 13)])
@@ -24,7 +17,7 @@ def _leaf(problem, bias=True):
 @pytest.mark.parametrize("leading", [(), (2, 3)])
 def test_gradcheck_float64(mode, d_in, d_out, bias, leading):
     problem = make_problem(5, d_in, d_out, 3, mode=mode, bias=bias, dtype=F64, leading=leading, seed=2)
-    x, w, b, ta, tb = _leaf(problem, bias)
+    x, w, b, ta, tb = problem.leaves(bias)
 
     def fn(x, b, ta, tb):
         return condlora_linear(x, w, b, ta, tb, 1.5, mode=mode, backend="reference")
@@ -36,7 +29,7 @@ def test_gradcheck_float64(mode, d_in, d_out, bias, leading):
 def test_gradcheck_with_dropout_fixed_seed(mode, d_in, d_out):
     """With a fixed seed the dropout mask is a deterministic function, so gradcheck applies to the Function."""
     problem = make_problem(6, d_in, d_out, 2, mode=mode, dtype=F64, seed=4)
-    x, w, b, ta, tb = _leaf(problem)
+    x, w, b, ta, tb = problem.leaves()
     seed = torch.tensor([2024], dtype=torch.int64)
 
     def fn(x, b, ta, tb):
@@ -95,7 +88,7 @@ def test_nan_in_nan_out():
 @pytest.mark.parametrize("leading", [(0,), (3, 0)])
 def test_empty_batch(leading):
     p = make_problem(0, 8, 6, 2, mode="general", leading=leading[:-1])
-    x, w, b, ta, tb = _leaf(p)
+    x, w, b, ta, tb = p.leaves()
     y = condlora_linear(x, w, b, ta, tb, p.scaling, mode="general", backend="reference")
     assert y.shape == (*leading, 6)
     y.sum().backward()

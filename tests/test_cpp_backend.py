@@ -48,13 +48,6 @@ def _assert_all_ok(results):
     assert not bad, "\n".join(bad)
 
 
-def _leaves(problem, bias=True):
-    p = problem
-    x = p.x.clone().requires_grad_(True)
-    ta = p.theta_a.clone().requires_grad_(True)
-    tb = p.theta_b.clone().requires_grad_(True)
-    b = p.bias.clone().requires_grad_(True) if (bias and p.bias is not None) else None
-    return x, p.weight, b, ta, tb
 
 
 def _op_args(problem, dropout_p, seed_value=1234567891011):
@@ -168,7 +161,7 @@ def test_cpu_float64_matches_reference(mode, d_in, d_out, dropout_p):
 def test_cpu_gradcheck_float64(mode, d_in, d_out, bias, dropout_p):
     """With a fixed seed the dropout mask is a fixed function, so gradcheck applies to the Function."""
     problem = make_problem(6, d_in, d_out, 3, mode=mode, bias=bias, dtype=F64, seed=2, leading=(2,))
-    x, w, b, ta, tb = _leaves(problem, bias)
+    x, w, b, ta, tb = problem.leaves(bias)
     seed = torch.tensor([2024], dtype=torch.int64) if dropout_p > 0 else None
 
     def fn(x, b, ta, tb):
@@ -183,7 +176,7 @@ def test_cpu_through_autograd_matches_reference_backend():
     problem = make_problem(5, 24, 24, 4, mode="paper", dtype=F64, leading=(3,), seed=12)
     results = []
     for backend in ("cpu", "reference"):
-        x, w, b, ta, tb = _leaves(problem)
+        x, w, b, ta, tb = problem.leaves()
         y = condlora_linear(x, w, b, ta, tb, problem.scaling, mode="paper", backend=backend)
         y.square().sum().backward()
         results.append((y, x.grad, b.grad, ta.grad, tb.grad))
@@ -215,7 +208,7 @@ def test_deterministic_gradients():
     problem = make_problem(300, 40, 56, 3, mode="general", dtype=torch.float32, seed=9)
     grads = []
     for _ in range(2):
-        x, w, b, ta, tb = _leaves(problem)
+        x, w, b, ta, tb = problem.leaves()
         y = CondLoRALinearFunction.apply(x, w, b, ta, tb, 2.0, 0.1, torch.tensor([5]), "general", "cpu")
         y.backward(torch.ones_like(y))
         grads.append((x.grad, ta.grad, tb.grad, b.grad))

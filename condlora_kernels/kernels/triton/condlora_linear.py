@@ -8,39 +8,40 @@ the autograd Function in ops/condlora_linear.py calls.
 Notation: N tokens (rows of x), d_in, d_out, rank r (padded to R_PAD >= 16 for tl.dot), s = alpha / r,
 x_hat = dropout(x), A = lora_a (r, d_in), B = lora_b (d_out, r), u = x_hat A^T (N, r).
 
-Design: one persistent launch per direction, with a grid of at most one program per SM. The work is a
-list of *tiles* of a few kinds, laid out so that every tile depends only on tiles that come earlier in
-the list; program p takes tiles p, p + P, p + 2P, ... A tile that needs another's result spins on a
-flag in global memory (acquire) that the producer sets after its stores (barrier, then release). Since
-all P programs are resident at once and dependencies point backwards, the lowest unfinished tile can
-always run: no deadlock. Under TRITON_INTERPRET programs run one after another, so P = 1 there.
+Design: one persistent launch per direction, with a grid of at most one program per SM, all resident
+at once. A tile that needs another's result spins on a flag in global memory (acquire) that the
+producer sets after its stores (barrier, then release); every wait points to work that no waiting
+program stands in front of, so the launch cannot deadlock. Under TRITON_INTERPRET programs run one
+after another, so P = 1 there and each program does its phases in turn.
 
-The output tiles come in groups of GROUP_M row blocks (grouped order keeps the x and W0 tiles a wave
-reads in L2). Each row block has one *head* tile with the rank-r work for it, and the heads of group
-g + 1 are listed before the output tiles of group g: heads run one group ahead, so an output tile's
-epilogue finds its head's result ready instead of waiting for it.
-
-Forward (y = x W0^T + b + s u B^T):
+Forward (y = x W0^T + b + s u B^T): a list of tiles in which each depends only on earlier ones; program
+p takes tiles p, p + P, p + 2P, ...
     GEN      B = W0 theta_b^T row blocks (and A^T = W0 theta_a^T rows in paper mode);
              in general mode also A^T = W0^T theta_a^T column blocks.            reads W0 once
-    U(m)     head: u[m] = x_hat[m] A^T, stored for the backward; waits for every GEN tile.
-    Y(m, n)  the frozen GEMM x[m] W0[n]^T; the epilogue waits for U(m), then adds
-             (s u[m]) B[n]^T as one more MMA (K = R_PAD) into the same accumulator, + bias.
-The rank-r work thus happens once per row block (U) and once per weight row block (GEN), not once per
+    U(m)     u[m] = x_hat[m] A^T, stored for the backward; waits for every GEN tile.
+    Y(m, n)  the frozen GEMM x[m] W0[n]^T (TMA main loop where the tensors allow); the epilogue waits for
+             U(m), then adds (s u[m]) B[n]^T as one more MMA (K = R_PAD) into the same accumulator, + bias.
+The Y tiles come in groups of GROUP_M row blocks (grouped order keeps the tiles a wave reads in L2);
+the U tiles of group g + 1 are listed before the Y tiles of group g, so they run a group ahead. The
+rank-r work thus happens once per row block (U) and once per weight row block (GEN), not once per
 output tile.
 
 Backward, chain rule (DESIGN.md §2):  v = dy B;  dx = dy W0 + s (v A) * M/(1-p);  dA = s v^T x_hat;
 dB = s dy^T u;  dtheta_b = dB^T W0;  dtheta_a = dA W0 (paper) | dA W0^T (general);  db = sum_rows dy.
-    V(m)     head: one pass over dy[m]: v[m] = dy[m] B (stores s v[m]), and the partial sums
-             s dy[m]^T u[m] (of dB) and sum_rows dy[m] (of db) into slot m mod S.
-    DX(m, k) first the partial sum s v[m]^T x_hat[m, k] of dA from the x tile at this place, then the
-             input-gradient GEMM dy[m] W0[:, k], whose epilogue adds (s v[m]) A[:, k] times the mask.
-             Without dx it only does the former.
-    RED      sums the S slots in a fixed order into dA, dB (float32) and db; waits for every partial.
-    DTHETA   dtheta = [dA; dB^T] W0 (paper) or dA W0^T, dB^T W0 (general); waits for every RED.
+Roles instead of one list: a few *helper* programs do the rank-r work row block by row block, the
+other *worker* programs run the input-gradient GEMM in a flattened loop, then all share the tail.
+    helper, row block m   one pass over dy[m]: v[m] = dy[m] B (stored as s v[m] and published at once),
+                          the partial sums s dy[m]^T u[m] (of dB) and sum_rows dy[m] (of db); then one
+                          pass over x[m]: the partial sum (s v[m])^T x_hat[m] (of dA). A helper starts
+                          row block m only while within LOOKAHEAD_GROUPS groups of the workers.
+    worker, DX(m, k)      dy[m] W0[:, k] (TMA main loop where the tensors allow); the epilogue waits for
+                          v[m] and adds (s v[m]) A[:, k] times the mask.
+    all, RED              sums the S slots in a fixed order into dA, dB (float32) and db.
+    all, DTHETA           dtheta = [dA; dB^T] W0 (paper) or dA W0^T, dB^T W0 (general).
 Partial sums go to S float32 slots; when memory allows S = the number of row blocks and every slot is
 written once. With fewer slots, blocks m, m + S, ... take turns on a slot in order of m. Either way each
 sum is formed in an order that does not depend on scheduling: same inputs, bitwise the same gradients.
+(Why the two directions differ: benchmarks/NOTES.md, versions v3 to v5.)
 """
 
 from __future__ import annotations
@@ -180,6 +181,17 @@ def _lookahead_tile(t, num_row_blocks, num_cols, GROUP_M: tl.constexpr):
     return kind, row_block, out_col
 
 
+@triton.jit
+def _store_tile(desc, ptr, acc, m, n, rows, cols, n_rows, n_cols, stride_r, stride_c,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """Store the output tile (m, n): through its tensor descriptor (clipped at the edges) or by pointers."""
+    if USE_TMA:
+        desc.store([m * BLOCK_M, n * BLOCK_N], acc.to(desc.dtype))
+    else:
+        tl.store(ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :] * stride_c, acc.to(ptr.dtype.element_ty),
+                 mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
 # ==================================================================================================
 # forward kernel
 # ==================================================================================================
@@ -302,11 +314,7 @@ def _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, x_desc, w_desc, y_d
     acc = tl.dot(u_scaled, b_t, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < d_out, other=0.0).to(ACC)[None, :]
-    if USE_TMA:
-        y_desc.store([m * BLOCK_M, n * BLOCK_N], acc.to(y_desc.dtype))
-    else:
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yn,
-                 acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < d_out))
+    _store_tile(y_desc, y_ptr, acc, m, n, rows, cols, n_rows, d_out, stride_ym, stride_yn, BLOCK_M, BLOCK_N, USE_TMA)
 
 
 @triton.jit
@@ -476,11 +484,7 @@ def _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, dy_desc, w_desc, dx_desc,
         acc += tl.where(keep, low_rank * keep_scale, 0.0).to(ACC)  # keep_scale may come in as float64
     else:
         acc = tl.dot(sv, a, acc, input_precision=DOT_PRECISION)
-    if USE_TMA:
-        dx_desc.store([m * BLOCK_M, k * BLOCK_N], acc.to(dx_desc.dtype))
-    else:
-        tl.store(dx_ptr + rows[:, None].to(tl.int64) * stride_dxm + cols[None, :] * stride_dxk,
-                 acc.to(dx_ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < d_in))
+    _store_tile(dx_desc, dx_ptr, acc, m, k, rows, cols, n_rows, d_in, stride_dxm, stride_dxk, BLOCK_M, BLOCK_N, USE_TMA)
 
 
 @triton.jit
