@@ -272,6 +272,18 @@ def run_shape(n, d_in, d_out, r, mode, dropout_p, quick):
     return row
 
 
+def _host_time(fn, warmup=20, reps=200) -> float:
+    """Milliseconds per call by the host clock (synchronised): what a launch-bound step really costs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
 def profile_small_step(n=4096, d=768, r=8):
     """Where the time of a small (launch-bound) training step goes: host and device, per op."""
     from torch.profiler import ProfilerActivity, profile
@@ -287,27 +299,10 @@ def profile_small_step(n=4096, d=768, r=8):
         y = condlora_linear(x, w, None, ta, tb, 2.0, mode="paper", backend="triton")
         torch.autograd.grad(y, [x, ta, tb], dy)
 
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        step()
-    torch.cuda.synchronize()
-    print(f"host-timed step: {(time.perf_counter() - t0) / 200 * 1e3:.4f} ms", flush=True)
+    print(f"host-timed step: {_host_time(step):.4f} ms", flush=True)
     xf = x.detach().clone().requires_grad_(True)
-
-    def frozen():
-        torch.autograd.grad(F.linear(xf, w), [xf], dy)
-
-    for _ in range(20):
-        frozen()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        frozen()
-    torch.cuda.synchronize()
-    print(f"host-timed frozen F.linear step: {(time.perf_counter() - t0) / 200 * 1e3:.4f} ms", flush=True)
+    frozen_ms = _host_time(lambda: torch.autograd.grad(F.linear(xf, w), [xf], dy))
+    print(f"host-timed frozen F.linear step: {frozen_ms:.4f} ms", flush=True)
     import cProfile
     import pstats
 

@@ -24,6 +24,16 @@ from condlora_kernels.ops.backends import BACKENDS
 
 ERROR_FACTOR = 2.0
 
+# Small shapes where nothing is a multiple of a block, shared by the backend tests: (mode, N, d_in, d_out, r)
+ODD_SHAPES = [
+    ("general", 37, 40, 56, 3),
+    ("paper", 37, 48, 48, 4),
+    ("general", 1, 40, 56, 1),   # one token
+    ("paper", 1, 16, 16, 1),     # rank 1
+    ("general", 45, 33, 17, 5),  # d_in not a multiple of 8 (no TMA; a ragged dropout group)
+    ("paper", 70, 24, 24, 17),   # r > 16: R_PAD = 32
+]
+
 
 def error_floor(dtype: torch.dtype, numel: int = 65536) -> float:
     if dtype == torch.float64:  # the same-dtype baseline is the reference itself (error 0): a few ulps of floor

@@ -22,24 +22,19 @@ from condlora_kernels._validation import check_condlora_args
 from condlora_kernels.kernels import cpp
 from condlora_kernels.ops import backends
 from condlora_kernels.ops.condlora_linear import CondLoRALinearFunction
-from condlora_kernels.testing import backend_vs_reference, make_problem
+from condlora_kernels.testing import ODD_SHAPES, backend_vs_reference, make_problem
 from tests.conftest import requires_cuda
 
 F64 = torch.float64
 SKIP_EXT = os.environ.get("CONDLORA_SKIP_EXT", "0") == "1"  # the build skipped _C on purpose
 needs_ext = pytest.mark.skipif(cpp.LOAD_ERROR is not None, reason=f"condlora_kernels._C unavailable: {cpp.LOAD_ERROR}")
 
-ODD_SHAPES = [  # (mode, N, d_in, d_out, r)
-    ("general", 37, 40, 56, 3),
-    ("paper", 37, 40, 40, 3),
-    ("general", 1, 40, 56, 1),
-    ("paper", 1, 16, 16, 1),
-    ("general", 45, 33, 17, 5),
-    ("paper", 70, 24, 24, 17),
-    ("general", 300, 32, 48, 8),  # N >= d_in, d_out: the low-rank term is folded into the weight when p == 0
+# the shared odd shapes, and two the C++ backend treats apart
+CPP_SHAPES = ODD_SHAPES + [
+    ("general", 300, 32, 48, 8),  # N >= d_in, d_out: the low-rank term is folded into the weight when p == 0 (CPU)
     ("general", 0, 40, 56, 3),
 ]
-SHAPE_IDS = ["-".join(map(str, s)) for s in ODD_SHAPES]
+SHAPE_IDS = ["-".join(map(str, s)) for s in CPP_SHAPES]
 ALL_NEEDS = (True, True, True, True)
 
 
@@ -100,7 +95,7 @@ def test_schemas():
 
 
 @needs_ext
-@pytest.mark.parametrize("shape", ODD_SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_float32(shape, dropout_p, bias):
@@ -111,7 +106,7 @@ def test_cpu_float32(shape, dropout_p, bias):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", ODD_SHAPES[:2] + ODD_SHAPES[5:7], ids=SHAPE_IDS[:2] + SHAPE_IDS[5:7])
+@pytest.mark.parametrize("shape", CPP_SHAPES[:2] + CPP_SHAPES[5:7], ids=SHAPE_IDS[:2] + SHAPE_IDS[5:7])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_cpu_half_dtypes(dtype, shape, dropout_p):
     mode, n, d_in, d_out, r = shape
@@ -458,7 +453,7 @@ GPU_SHAPES = [  # (mode, N, d_in, d_out, r)
     ("paper", 8192, 4096, 4096, 16),    # the benchmark shape (half its tokens)
     ("general", 513, 96, 4000, 64),     # the largest fused rank
 ]
-GPU_ODD_SHAPES = ODD_SHAPES + [
+GPU_ODD_SHAPES = CPP_SHAPES + [
     ("general", 45, 33, 17, 33),   # 32 < r <= 64
     ("paper", 300, 256, 256, 80),  # r > 64: the GEMM fallback path
     ("general", 3, 1, 5, 2),       # d_in = 1

@@ -18,7 +18,7 @@ from condlora_kernels import BackendUnavailableError, reference, FusedCondLoRALi
 from condlora_kernels.ops.backends import BACKENDS
 from condlora_kernels.kernels.triton import condlora_linear as tk
 from condlora_kernels.ops.condlora_linear import CondLoRALinearFunction
-from condlora_kernels.testing import backend_vs_reference, make_problem
+from condlora_kernels.testing import ODD_SHAPES, backend_vs_reference, make_problem
 from tests.conftest import HAS_CUDA, requires_cuda
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,14 +26,6 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 triton_ready = BACKENDS["triton"].unavailable_reason(torch.empty(0, device=DEVICE))
 pytestmark = pytest.mark.skipif(triton_ready is not None, reason=f"Triton backend cannot run here: {triton_ready}")
 
-ODD_SHAPES = [  # (mode, N, d_in, d_out, r)
-    ("general", 37, 40, 56, 3),
-    ("paper", 37, 48, 48, 4),
-    ("general", 1, 40, 56, 1),
-    ("paper", 1, 16, 16, 1),
-    ("general", 45, 33, 17, 5),
-    ("paper", 70, 24, 24, 17),  # r > 16: R_PAD = 32
-]
 
 
 def _assert_all_ok(results):
