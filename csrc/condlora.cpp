@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <sstream>
+#include <string>
 
 namespace condlora {
 namespace {
@@ -19,12 +19,13 @@ namespace {
 // Messages in Python's notation, so they read exactly as those of condlora_kernels/_validation.py
 // ---------------------------------------------------------------------------------------------------------------
 
+// Built with std::to_string rather than an ostringstream: with torch 2.11 on the H100 machine, an ostringstream
+// in this library crashed (SIGSEGV) on every call that formatted a shape, while the same messages built without
+// iostreams raise normally.
 std::string py_tuple(at::IntArrayRef shape) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << (shape.size() == 1 ? ",)" : ")");
-  return out.str();
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + (shape.size() == 1 ? ",)" : ")");
 }
 
 std::string py_dtype(at::ScalarType dtype) {
@@ -215,7 +216,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
                                        : at::mm(x, lora_a.t()).contiguous();
 
   at::Tensor y;
-  if (fold_into_weight(sz, dropout_p, x)) {
+  if (kernels.lowrank_first(dropout_p)) {
+    // y = (b + s u B^T) + x W0^T: the rank-r GEMM writes y, the frozen GEMM adds onto it (beta = 1)
+    if (bias.has_value()) {
+      y = at::addmm(*bias, u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+    } else {
+      y = at::empty({sz.n_rows, sz.d_out}, x.options());
+      at::addmm_out(y, y, u, lora_b.t(), /*beta=*/0.0, /*alpha=*/scaling);  // beta = 0: y's contents unread
+    }
+    y.addmm_(x, weight.t());
+  } else if (fold_into_weight(sz, dropout_p, x)) {
     const at::Tensor merged = at::addmm(weight, lora_b, lora_a, /*beta=*/1.0, /*alpha=*/scaling);
     y = bias.has_value() ? at::addmm(*bias, x, merged.t()) : at::mm(x, merged.t());
   } else {
@@ -279,12 +289,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
   if (need_x) {
     if (fold) {
       grad_x = at::mm(dy, at::addmm(weight, lora_b, lora_a, /*beta=*/1.0, /*alpha=*/scaling));
+    } else if (kernels.lowrank_first(dropout_p)) {
+      // dx = s v A, then += dy W0 in the frozen GEMM's epilogue (beta = 1); the pass over x then yields dA only
+      grad_x = at::empty({sz.n_rows, sz.d_in}, options);
+      at::addmm_out(grad_x, grad_x, v, lora_a, /*beta=*/0.0, /*alpha=*/scaling);
+      grad_x.addmm_(dy, weight);
     } else {
       // the frozen GEMM first, then the pass over x (which also yields dA) adds E = s (v A) * M / (1 - p) to it
       grad_x = at::mm(dy, weight);
       kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, grad_a, grad_x);
+      grad_a_done = true;
     }
-    grad_a_done = !fold;
   }
   if (need_theta_a && !grad_a_done) {
     kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, grad_a, at::Tensor());

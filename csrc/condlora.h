@@ -53,6 +53,11 @@ struct DeviceKernels {
   //   grad_b_t (r, d_out) = s * u^T dy,   grad_bias (d_out,) = sum over rows of dy
   void (*dy_pass)(const at::Tensor& grad_y, const at::Tensor& u, double scaling, const at::Tensor& grad_b_t,
                   const at::Tensor& grad_bias);
+  // Whether, without dropout, the low-rank term goes first and the frozen GEMM adds onto it in its epilogue
+  // (y = s u B^T + b, then y += x W0^T with beta = 1; likewise dx): one pass over the N-sized output fewer. For
+  // GEMM libraries that apply beta once, at the end (cuBLAS); not for CPU BLAS, which adds C into its split-K
+  // reduction block by block.
+  bool (*lowrank_first)(double dropout_p);
 };
 
 // (lora_a, lora_b) = (A, B), contiguous, in W0's dtype.

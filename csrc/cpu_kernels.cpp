@@ -170,7 +170,10 @@ void dy_pass_cpu(const at::Tensor& grad_y, const at::Tensor& u, double scaling, 
   if (out_bias.defined()) at::sum_out(out_bias, grad_y, {0});
 }
 
-const DeviceKernels kCpuKernels{dropout_project_cpu, x_pass_cpu, dy_pass_cpu};
+// CPU BLAS adds C into its split-K reduction block by block: the frozen GEMM goes first (see condlora.h)
+bool lowrank_first_cpu(double) { return false; }
+
+const DeviceKernels kCpuKernels{dropout_project_cpu, x_pass_cpu, dy_pass_cpu, lowrank_first_cpu};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The ops for the CPU dispatch key

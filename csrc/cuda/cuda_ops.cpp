@@ -9,6 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../condlora.h"
 #include "../philox.h"
 #include "kernels.cuh"
@@ -35,6 +38,22 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 // The seed stays on the GPU: the kernels read it there, so no host synchronisation and CUDA graphs replay correctly.
 const int64_t* seed_pointer(const at::Tensor& seed) { return seed.data_ptr<int64_t>(); }
+
+// Without dropout the reductions over tokens are plain GEMMs with a long K (dA = s v^T x, dB^T = s u^T dy), which
+// cuBLAS runs near the memory bandwidth; the hand-written token_reduce pass pays off where it saves a pass, when
+// it draws the dropout mask once for both dA and dx. CONDLORA_CUDA_PLAN=fused sends every case to token_reduce
+// (and the frozen GEMM first), for comparison in benchmarks/cuda_explore.py.
+bool fused_plan() {
+  static const bool fused = [] {
+    const char* plan = std::getenv("CONDLORA_CUDA_PLAN");
+    return plan != nullptr && std::string(plan) == "fused";
+  }();
+  return fused;
+}
+
+bool gemm_reductions(int64_t r, double p) { return r > cuda::kMaxFusedRank || (p == 0.0 && !fused_plan()); }
+
+bool lowrank_first_cuda(double p) { return p == 0.0 && !fused_plan(); }
 
 // x_hat = x * M / (1 - p), one Philox call per 8 elements (1 - p as quantised in philox.h).
 at::Tensor dropout_scaled_copy(const at::Tensor& x, const at::Tensor& seed, double p) {
@@ -99,11 +118,11 @@ void token_reduce(const at::Tensor& z, const at::Tensor& w, const std::optional<
 }
 
 // The backward's pass over x: dA = s v^T x_hat, and dx += s (v A) * M / (1 - p), in one launch, each element's mask
-// drawn once. Ranks above kMaxFusedRank take GEMMs on a masked copy instead.
+// drawn once. Without dropout, and for ranks above kMaxFusedRank, GEMMs (on a masked copy) instead.
 void x_pass_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& lora_a,
                  const std::optional<at::Tensor>& seed, double p, double scaling, const at::Tensor& grad_a,
                  const at::Tensor& grad_x) {
-  if (lora_a.size(0) > cuda::kMaxFusedRank) {
+  if (gemm_reductions(lora_a.size(0), p)) {
     const at::Tensor x_hat = p > 0.0 ? dropout_scaled_copy(x, *seed, p) : x;
     at::Tensor out_a = grad_a, out_x = grad_x;  // addmm_out takes non-const outputs
     if (out_a.defined()) at::addmm_out(out_a, out_a, v.t(), x_hat, /*beta=*/0.0, /*alpha=*/scaling);
@@ -124,7 +143,7 @@ void x_pass_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& lor
 // The backward's pass over dy: dB^T = s u^T dy and db = sum over rows of dy, reading dy once.
 void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling, const at::Tensor& grad_b_t,
                   const at::Tensor& grad_bias) {
-  if (u.size(1) > cuda::kMaxFusedRank) {
+  if (gemm_reductions(u.size(1), 0.0)) {
     at::Tensor out_b = grad_b_t, out_bias = grad_bias;
     if (out_b.defined()) at::addmm_out(out_b, out_b, u.t(), grad_y, /*beta=*/0.0, /*alpha=*/scaling);
     if (out_bias.defined()) at::sum_out(out_bias, grad_y, {0});  // accumulates half types in fp32
@@ -133,7 +152,7 @@ void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling,
   token_reduce(grad_y, u, std::nullopt, 0.0, at::Tensor(), 1.0, at::Tensor(), grad_b_t, scaling, grad_bias);
 }
 
-const DeviceKernels kCudaKernels{dropout_project_cuda, x_pass_cuda, dy_pass_cuda};
+const DeviceKernels kCudaKernels{dropout_project_cuda, x_pass_cuda, dy_pass_cuda, lowrank_first_cuda};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The ops for the CUDA dispatch key. The dispatcher does not switch devices for custom ops: each op sets the device
