@@ -16,7 +16,7 @@ import torch
 
 from condlora_kernels.bench import report
 from condlora_kernels.bench.providers import (DTYPES, PROVIDER_NAMES, PROVIDERS, Unavailable, build_step,
-                                              byte_count, flop_count, make_inputs, rotation_sets)
+                                              byte_count, flop_count, fresh_leaves, make_inputs, rotation_sets)
 from condlora_kernels.bench.shapes import MODES, KernelShape, Settings
 from condlora_kernels.bench.timing import cudagraph_median_ms, median_ms, peak_memory_bytes
 
@@ -103,8 +103,9 @@ class KernelSuite:
             row.update(self._figures(spec.kind, shape, mode, torch_dtype, ms), peak_mem_bytes=peak)
             self._set_ratio(row)
             if self.settings.cudagraph and shape.launch_bound and self.device.type == "cuda":
-                point.rows += self._cudagraph_rows(row, lambda: build_step(spec, shape, sets, mode), spec.kind,
-                                                   shape, mode, torch_dtype)
+                # fresh leaves, first used on the capture stream (providers.fresh_leaves says why)
+                point.rows += self._cudagraph_rows(row, lambda: build_step(spec, shape, fresh_leaves(sets), mode),
+                                                   spec.kind, shape, mode, torch_dtype)
         self.rows += point.rows
         return point
 

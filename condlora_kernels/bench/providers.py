@@ -218,6 +218,18 @@ PROVIDER_NAMES = tuple(PROVIDERS)
 # --------------------------------------------------------------------------------------------------
 
 
+def fresh_leaves(sets: list) -> list:
+    """Copies of the input sets whose tensors have never been used by an autograd graph.
+
+    Autograd remembers, for each leaf that requires grad, the stream its gradient accumulator was created on
+    (the leaf's first use in a forward) and, at the end of a backward, makes the caller's stream wait on it.
+    For a leaf first used on the default stream, that wait is an event recorded on the legacy default stream,
+    which invalidates a CUDA graph being captured on another stream: a graph of backward steps needs leaves
+    whose first forward ran on the capture stream.
+    """
+    return [{k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in s.items()} for s in sets]
+
+
 def build_step(provider: Provider, shape: KernelShape, sets: list, mode: str) -> Callable[[], object]:
     """One call = one step of `mode` on the next input set. Returns what the step computed (to keep it alive
     while peak memory is read)."""

@@ -31,7 +31,8 @@ def cudagraph_median_ms(make_step: Callable[[], Callable[[], object]], settings:
     As triton.testing.do_bench_cudagraph (many steps captured in one graph, the graph replayed 10 times),
     but the step is built by `make_step` on the capture stream: a backward-mode step reuses a forward graph
     built beforehand, and autograd runs each backward op on its forward op's stream, so that forward must
-    run on the capture stream too (on the default stream it would break the capture).
+    run on the capture stream too (on the default stream it would break the capture), and on leaves not used
+    by any graph before (providers.fresh_leaves).
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
