@@ -58,6 +58,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from condlora_kernels import reference
+from condlora_kernels.kernels.triton import autotune
 
 # ==================================================================================================
 # jit helpers
@@ -687,10 +688,14 @@ WORKER_FLOPS_PER_S = 5e12
 HELPERS_OVERRIDE: Optional[int] = None  # tuning hook (benchmarks/triton_explore.py)
 
 
-def _num_helpers(num_programs: int, helper_bytes: float, worker_flops: float, num_m: int, min_helpers: int) -> int:
+def _num_helpers(num_programs: int, helper_bytes: float, worker_flops: float, num_m: int, min_helpers: int,
+                 scale: float = 1.0) -> int:
     """How many programs do the rank-r row work while the others multiply: enough that the helpers'
     share of the time matches their share of the work, with a margin of 1.5 so that they stay ahead,
-    and at least `min_helpers` so the first group's rows are ready when the first output tiles are."""
+    and at least `min_helpers` so the first group's rows are ready when the first output tiles are.
+    `scale` multiplies that count (the autotuner's variants) within the same bounds: one helper at
+    least, no more than the row blocks, and a quarter of the programs at most, so that workers remain
+    for the DX tiles the helpers wait on."""
     if num_programs == 1:
         return 1
     if HELPERS_OVERRIDE is not None:
@@ -698,7 +703,9 @@ def _num_helpers(num_programs: int, helper_bytes: float, worker_flops: float, nu
     t_helper = helper_bytes / HELPER_BYTES_PER_S
     t_worker = worker_flops / WORKER_FLOPS_PER_S
     wanted = math.ceil(1.5 * num_programs * t_helper / max(t_helper + t_worker, 1e-30))
-    return max(1, min(max(wanted, min_helpers), num_m, num_programs // 4 if num_programs >= 8 else 1))
+    most = min(num_m, num_programs // 4 if num_programs >= 8 else 1)
+    helpers = max(1, min(max(wanted, min_helpers), most))
+    return helpers if scale == 1.0 else max(1, min(round(helpers * scale), most))
 
 
 def _tracing(t: torch.Tensor) -> bool:
@@ -835,10 +842,11 @@ def _helper_loop(dtype: torch.dtype, r_pad: int) -> dict:
 _STAGE_LIMITS: dict = {}  # launch configuration -> the most pipeline stages that fit this GPU's shared memory
 
 
-def _launch(kernel, grid, args, meta: dict, like: torch.Tensor) -> None:
+def _launch(kernel, grid, args, meta: dict, like: torch.Tensor, quiet: bool = False) -> None:
     """Launch, with one fallback: a configuration whose pipeline does not fit the GPU's shared memory
     (an A100 has 164 KiB, an H100 227 KiB; Triton versions lay buffers out differently) is retried with
-    one stage fewer, and the limit is remembered. Said once, as a warning: it costs some speed."""
+    one stage fewer, and the limit is remembered. Said once, as a warning: it costs some speed (not
+    while the autotuner races candidates, `quiet`: it times each as it runs)."""
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), like.device,
            tuple(sorted((k, v) for k, v in meta.items() if k != "num_stages")))
     stages = min(meta["num_stages"], _STAGE_LIMITS.get(key, meta["num_stages"]))
@@ -851,8 +859,9 @@ def _launch(kernel, grid, args, meta: dict, like: torch.Tensor) -> None:
                 raise
             stages -= 1
             _STAGE_LIMITS[key] = stages
-            warnings.warn(f"condlora_kernels: {key[0]} with {dict(key[2])} does not fit this GPU's shared memory "
-                          f"({exc}); using {stages} pipeline stage(s)", stacklevel=3)
+            if not quiet:
+                warnings.warn(f"condlora_kernels: {key[0]} with {dict(key[2])} does not fit this GPU's shared "
+                              f"memory ({exc}); using {stages} pipeline stage(s)", stacklevel=3)
 
 
 def _flags(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -879,9 +888,16 @@ def _seed_args(seed: Optional[torch.Tensor], dropout_p: float, dummy: torch.Tens
     return dummy, 1.0, 0
 
 
+def _tuning_fixed(*overrides: object) -> bool:
+    """Whether the configuration is fixed for this launch: tuning is off (CONDLORA_AUTOTUNE=0, the
+    interpreter) or a development hook forces it (benchmarks/triton_explore.py sweeps configs)."""
+    return not autotune.enabled() or any(o is not None for o in overrides)
+
+
 def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float, dropout_p: float,
                             seed: Optional[torch.Tensor], paper_mode: bool):
-    """Allocate y, u, A, B and run the persistent forward kernel. Returns (y, u, lora_a, lora_b)."""
+    """Allocate y, u, A, B and run the persistent forward kernel, with the autotuned configuration
+    (autotune.py) or the heuristic one. Returns (y, u, lora_a, lora_b)."""
     n_rows, d_in = x2d.shape
     d_out = weight.shape[0]
     rank = theta_b.shape[0]
@@ -893,38 +909,53 @@ def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float,
     lora_b = torch.empty((d_out, rank), device=device, dtype=dtype)
     theta_a = theta_a.contiguous()
     theta_b = theta_b.contiguous()
-    cfg = _fwd_config(n_rows, d_out, r_pad, dtype)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     gen_block = 32 if _interpreting() else 64
-    num_m = triton.cdiv(n_rows, bm)
     num_gen = triton.cdiv(d_out, gen_block) + (0 if paper_mode else triton.cdiv(d_in, gen_block))
-    num_tiles = num_gen + (triton.cdiv(num_m, cfg["GROUP_M"]) + 1) * cfg["GROUP_M"] + num_m * triton.cdiv(d_out, bn)
-    num_programs = _num_programs(device, num_tiles)
-    flags = _flags(2 + num_m, x2d)
-    seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
     dot_precision, _ = _dot_precisions(dtype)
     use_tma = _use_tma(n_rows * d_in * d_out, x2d, weight, y) and n_rows > 0
-    if use_tma:
-        descs = (_descriptor(x2d, (bm, bk)), _descriptor(weight, (bn, bk)), _descriptor(y, (bm, bn)))
-    else:  # placeholders: USE_TMA=False keeps the kernel from touching them
-        descs = (x2d, weight, y)
-    args = (x2d, weight, bias if bias is not None else y, theta_a, theta_b, y, u, lora_a, lora_b, flags, seed_t, *descs,
-            n_rows, d_in, d_out, rank,
-            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), theta_a.stride(0), theta_b.stride(0),
-            y.stride(0), y.stride(1),
-            float(scaling), keep_scale, threshold, num_programs, 0.0)
-    meta = dict(MODE_PAPER=paper_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, USE_TMA=use_tma,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], GEN_BLOCK=gen_block, R_PAD=r_pad,
-                DOT_PRECISION=dot_precision, SPLIT_ACC=dtype == torch.float32, FLAG_BLOCK=FLAG_BLOCK,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_helper_loop(dtype, r_pad))
-    _launch(_condlora_fwd_kernel, (num_programs,), args, meta, x2d)
+    switches = dict(MODE_PAPER=paper_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, USE_TMA=use_tma,
+                    DOT_PRECISION=dot_precision)
+
+    def run(cfg: dict, quiet: bool = False) -> None:
+        """One launch with configuration `cfg`; it writes y, u, A and B completely."""
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        num_m = triton.cdiv(n_rows, bm)
+        num_tiles = num_gen + (triton.cdiv(num_m, cfg["GROUP_M"]) + 1) * cfg["GROUP_M"] + num_m * triton.cdiv(d_out, bn)
+        num_programs = _num_programs(device, num_tiles)
+        flags = _flags(2 + num_m, x2d)
+        seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
+        if use_tma:
+            descs = (_descriptor(x2d, (bm, bk)), _descriptor(weight, (bn, bk)), _descriptor(y, (bm, bn)))
+        else:  # placeholders: USE_TMA=False keeps the kernel from touching them
+            descs = (x2d, weight, y)
+        args = (x2d, weight, bias if bias is not None else y, theta_a, theta_b, y, u, lora_a, lora_b, flags, seed_t,
+                *descs, n_rows, d_in, d_out, rank,
+                x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), theta_a.stride(0), theta_b.stride(0),
+                y.stride(0), y.stride(1),
+                float(scaling), keep_scale, threshold, num_programs, 0.0)
+        meta = dict(switches, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], GEN_BLOCK=gen_block,
+                    R_PAD=r_pad, SPLIT_ACC=dtype == torch.float32, FLAG_BLOCK=FLAG_BLOCK,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_helper_loop(dtype, r_pad))
+        _launch(_condlora_fwd_kernel, (num_programs,), args, meta, x2d, quiet=quiet)
+
+    heuristic = _fwd_config(n_rows, d_out, r_pad, dtype)
+    if _tuning_fixed(FWD_CONFIG_OVERRIDE):
+        run(heuristic)
+    else:
+        key = autotune.make_key("condlora_fwd", device, dtype, r_pad, d_in, d_out, n_rows, **switches)
+        autotune.run_tuned(
+            key, heuristic,
+            lambda: autotune.forward_candidates(heuristic, dtype, r_pad, _helper_loop(dtype, r_pad),
+                                                autotune.shared_memory_limit(device)),
+            run, device_type=device.type, tracing=_tracing(x2d), n_rows=n_rows)
     return y, u, lora_a, lora_b
 
 
 def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: float, dropout_p: float,
                              seed: Optional[torch.Tensor], paper_mode: bool, need_dx: bool, need_dtheta: bool,
                              need_dbias: bool):
-    """Allocate gradients and workspaces and run the persistent backward kernel.
+    """Allocate gradients and workspaces and run the persistent backward kernel, with the autotuned
+    configuration (autotune.py) or the heuristic one.
     Returns (dx, dtheta_a, dtheta_b, dbias), empty tensors for those not needed."""
     n_rows, d_in = x2d.shape
     d_out, rank = lora_b.shape
@@ -944,57 +975,79 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
     if not (need_dx or need_dtheta or need_dbias):
         return dx, dta, dtb, db
 
-    cfg = _bwd_config(n_rows, d_in, r_pad, dtype, dropout_p > 0.0)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    num_m = triton.cdiv(n_rows, bm)
-    num_programs = _num_programs(device, num_m * triton.cdiv(d_in, bn) + 1 if need_dx else num_m)
+    has_dropout = dropout_p > 0.0
     # a helper reads dy and x once per row block; a dropout mask costs about one more pass, and the
     # rank-r dots and partial-sum stores grow with the rank
-    helper_bytes = n_rows * (d_out + (d_in * (2 if dropout_p > 0 else 1) if need_dtheta else 0)) * x2d.element_size()
+    helper_bytes = n_rows * (d_out + (d_in * (2 if has_dropout else 1) if need_dtheta else 0)) * x2d.element_size()
     helper_bytes *= max(1.0, r_pad / 32)
-    num_helpers = _num_helpers(num_programs, helper_bytes, 2.0 * n_rows * d_in * d_out if need_dx else 0.0, num_m,
-                               min_helpers=8)
-    num_slots = _num_slots(n_rows, num_m, d_in, d_out, r_pad, x2d.element_size(), num_helpers)
-    # the kernel's workspace offsets are int32: slots * r_pad * d stays far below 2^31 by the cap above
-    assert num_slots * r_pad * max(d_in, d_out) < 2**31, "partial-sum workspace too large for int32 offsets"
-    # workspaces: s v (input dtype); float32 partial sums and the reduced dA, dB, carved from one
-    # allocation. An argument that is not needed gets the flags tensor as a placeholder: its constexpr
-    # switch keeps the kernel from touching it.
-    flags = _flags(4 + num_m + num_slots, x2d)
-    sv = torch.empty((n_rows, r_pad), device=device, dtype=dtype)
-    sizes = {"part_a": (num_slots, r_pad, d_in) if need_dtheta else None,
-             "part_b": (num_slots, d_out, r_pad) if need_dtheta else None,
-             "part_db": (num_slots, d_out) if need_dbias else None,
-             "grad_a": (r_pad, d_in) if need_dtheta else None,
-             "grad_b": (d_out, r_pad) if need_dtheta else None}
-    numels = {name: (math.prod(shape) if shape else 0) for name, shape in sizes.items()}
-    work = torch.empty(sum(numels.values()), device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    views, offset = {}, 0
-    for name, shape in sizes.items():
-        views[name] = work[offset:offset + numels[name]].view(shape) if shape else flags
-        offset += numels[name]
-    part_a, part_b, part_db, grad_a, grad_b = (views[k] for k in ("part_a", "part_b", "part_db", "grad_a", "grad_b"))
+    worker_flops = 2.0 * n_rows * d_in * d_out if need_dx else 0.0
     red_block, dt_block = (32, 32) if _interpreting() else (64, 64)
-    seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
     dot_precision, f32_precision = _dot_precisions(dtype)
     use_tma = need_dx and _use_tma(n_rows * d_in * d_out, grad_y, weight, dx)
-    if use_tma:
-        descs = (_descriptor(grad_y, (bm, bk)), _descriptor(weight, (bk, bn)), _descriptor(dx, (bm, bn)))
-    else:  # placeholders: USE_TMA=False keeps the kernel from touching them
-        descs = (grad_y, weight, x2d)
-    args = (grad_y, x2d, weight, lora_a, lora_b, u, dx, dta, dtb, db,
-            sv, part_a, part_b, part_db, grad_a, grad_b, flags, seed_t, *descs,
-            n_rows, d_in, d_out, rank, num_slots,
-            grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-            dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-            float(scaling), keep_scale, threshold, num_programs, num_helpers, LOOKAHEAD_GROUPS, 0.0)
-    meta = dict(MODE_PAPER=paper_mode, HAS_DROPOUT=dropout_p > 0.0, USE_TMA=use_tma,
-                NEED_DX=need_dx, NEED_DTHETA=need_dtheta, NEED_DBIAS=need_dbias,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], RED_BLOCK=red_block, DT_BLOCK=dt_block,
-                R_PAD=r_pad, DOT_PRECISION=dot_precision, F32_DOT_PRECISION=f32_precision,
-                SPLIT_ACC=dtype == torch.float32, FLATTEN=FLATTEN, FLAG_BLOCK=FLAG_BLOCK,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_helper_loop(dtype, r_pad))
-    _launch(_condlora_bwd_kernel, (num_programs,), args, meta, x2d)
+    switches = dict(MODE_PAPER=paper_mode, HAS_DROPOUT=has_dropout, USE_TMA=use_tma, NEED_DX=need_dx,
+                    NEED_DTHETA=need_dtheta, NEED_DBIAS=need_dbias, DOT_PRECISION=dot_precision,
+                    F32_DOT_PRECISION=f32_precision)
+
+    def schedule(cfg: dict) -> tuple[int, int, int]:
+        """(row blocks, programs, helper programs) of a launch with configuration `cfg`."""
+        num_m = triton.cdiv(n_rows, cfg["BLOCK_M"])
+        num_programs = _num_programs(device, num_m * triton.cdiv(d_in, cfg["BLOCK_N"]) + 1 if need_dx else num_m)
+        num_helpers = _num_helpers(num_programs, helper_bytes, worker_flops, num_m, min_helpers=8,
+                                   scale=cfg.get("HELPER_SCALE", 1.0))
+        return num_m, num_programs, num_helpers
+
+    def run(cfg: dict, quiet: bool = False) -> None:
+        """One launch with configuration `cfg`; it writes the needed gradients completely."""
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        num_m, num_programs, num_helpers = schedule(cfg)
+        num_slots = _num_slots(n_rows, num_m, d_in, d_out, r_pad, x2d.element_size(), num_helpers)
+        # the kernel's workspace offsets are int32: slots * r_pad * d stays far below 2^31 by the cap above
+        assert num_slots * r_pad * max(d_in, d_out) < 2**31, "partial-sum workspace too large for int32 offsets"
+        # workspaces: s v (input dtype); float32 partial sums and the reduced dA, dB, carved from one
+        # allocation. An argument that is not needed gets the flags tensor as a placeholder: its constexpr
+        # switch keeps the kernel from touching it.
+        flags = _flags(4 + num_m + num_slots, x2d)
+        sv = torch.empty((n_rows, r_pad), device=device, dtype=dtype)
+        sizes = {"part_a": (num_slots, r_pad, d_in) if need_dtheta else None,
+                 "part_b": (num_slots, d_out, r_pad) if need_dtheta else None,
+                 "part_db": (num_slots, d_out) if need_dbias else None,
+                 "grad_a": (r_pad, d_in) if need_dtheta else None,
+                 "grad_b": (d_out, r_pad) if need_dtheta else None}
+        numels = {name: (math.prod(shape) if shape else 0) for name, shape in sizes.items()}
+        work = torch.empty(sum(numels.values()), device=device,
+                           dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        views, offset = {}, 0
+        for name, shape in sizes.items():
+            views[name] = work[offset:offset + numels[name]].view(shape) if shape else flags
+            offset += numels[name]
+        part_a, part_b, part_db, grad_a, grad_b = (views[k] for k in ("part_a", "part_b", "part_db", "grad_a", "grad_b"))
+        seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
+        if use_tma:
+            descs = (_descriptor(grad_y, (bm, bk)), _descriptor(weight, (bk, bn)), _descriptor(dx, (bm, bn)))
+        else:  # placeholders: USE_TMA=False keeps the kernel from touching them
+            descs = (grad_y, weight, x2d)
+        args = (grad_y, x2d, weight, lora_a, lora_b, u, dx, dta, dtb, db,
+                sv, part_a, part_b, part_db, grad_a, grad_b, flags, seed_t, *descs,
+                n_rows, d_in, d_out, rank, num_slots,
+                grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+                dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
+                float(scaling), keep_scale, threshold, num_programs, num_helpers, LOOKAHEAD_GROUPS, 0.0)
+        meta = dict(switches, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], RED_BLOCK=red_block,
+                    DT_BLOCK=dt_block, R_PAD=r_pad, SPLIT_ACC=dtype == torch.float32, FLATTEN=FLATTEN,
+                    FLAG_BLOCK=FLAG_BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    **_helper_loop(dtype, r_pad))
+        _launch(_condlora_bwd_kernel, (num_programs,), args, meta, x2d, quiet=quiet)
+
+    heuristic = _bwd_config(n_rows, d_in, r_pad, dtype, has_dropout)
+    if _tuning_fixed(BWD_CONFIG_OVERRIDE, HELPERS_OVERRIDE):
+        run(heuristic)
+    else:
+        key = autotune.make_key("condlora_bwd", device, dtype, r_pad, d_in, d_out, n_rows, **switches)
+        autotune.run_tuned(
+            key, dict(heuristic, HELPER_SCALE=1.0),
+            lambda: autotune.backward_candidates(heuristic, dtype, r_pad, has_dropout, _helper_loop(dtype, r_pad),
+                                                 autotune.shared_memory_limit(device), lambda c: schedule(c)[2]),
+            run, device_type=device.type, tracing=_tracing(x2d), n_rows=n_rows)
     return dx, dta, dtb, db
 
 
