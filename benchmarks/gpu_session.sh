@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session on the device machine (torch and triton preinstalled, no registry): install, GPU tests,
 # kernel measurements. Results land in $OUT.
-# Usage: bash benchmarks/gpu_session.sh [tests] [cpp] [compile] [alltests] [gemm] [helpers] [explore] [explore-full] [profile] [bench]
+# Usage: bash benchmarks/gpu_session.sh [build] [tests] [cpp] [gputests] [probes] [cudaexplore] [compile] [alltests] [gemm] [helpers]
+#        [explore] [explore-full] [profile] [benchpytest] [bench]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -11,7 +12,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (pytest-xdist, ...)
 fi
 want() { [[ " $* " == *" $STEP "* ]]; }
 steps="$*"
-skip_ext=1; [[ " $steps " == *" cpp "* || " $steps " == *" build "* ]] && skip_ext=0
+skip_ext=1  # the extension build (~1-2 min) only for the steps that use it
+for s in $steps; do case $s in build|cpp|gputests|probes|cudaexplore|alltests|benchpytest|bench) skip_ext=0 ;; esac; done
 start=$(date +%s)
 CONDLORA_SKIP_EXT=$skip_ext python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { tail -30 "$OUT/install.log"; exit 1; }
@@ -31,6 +33,11 @@ for STEP in $steps; do
     gemm) timeout 300 python3 benchmarks/triton_explore.py --gemm-sweep --out "$OUT/gemm_sweep.json" 2>&1 | tee "$OUT/gemm.log" | grep -E "^GEMM|Error" ;;
     helpers) timeout 300 python3 benchmarks/triton_explore.py --helpers --out "$OUT/helpers.json" 2>&1 | tee "$OUT/helpers.log" | grep -E "^HELPERS|Error" ;;
     profile) timeout 120 python3 benchmarks/triton_explore.py --profile 2>&1 | tee "$OUT/profile.log" | head -60 ;;
+    gputests) timeout 470 python3 -m pytest tests/test_cpp_backend.py tests/test_triton_backend.py tests/test_triton_autotune.py \
+                -q -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    probes) timeout 200 python3 benchmarks/capture_probe.py frozen "condlora[triton]" "condlora[cuda]" 2>&1 | grep -E "PROBE|Error" ;;
+    cudaexplore) timeout 300 python3 benchmarks/cuda_explore.py --skip-capture --out "$OUT/cuda_explore.json" 2>&1 | tee "$OUT/cuda_explore.log" | grep -E "^CUDA|Error" ;;
+    benchpytest) CONDLORA_BENCH_QUICK=1 timeout 500 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/pytest_benchmarks.json" 2>&1 | tee "$OUT/pytest_benchmarks.log" | tail -25 ;;
     bench) timeout 420 python3 -m condlora_kernels bench --output "$OUT/bench" \
              --providers frozen lora peft_lora paper_code paper_code_compiled "condlora[triton]" "condlora[cuda]" \
              2>&1 | tee "$OUT/bench.log" | tail -60 ;;

@@ -16,6 +16,10 @@ from condlora_kernels.modules import CondLoRAGenerator, FusedCondLoRALinear
 from condlora_kernels.ops import (BackendUnavailableError, CondLoRAFallbackWarning, available_backends,
                                   condlora_linear)
 
+from condlora_kernels.ops.backends import preload_backends
+
+preload_backends()  # before any torch.compile trace, which cannot import them (backends.preload_backends)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -13,15 +13,11 @@
 #include <string>
 
 namespace condlora {
-namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Messages in Python's notation, so they read exactly as those of condlora_kernels/_validation.py
 // ---------------------------------------------------------------------------------------------------------------
 
-// Built with std::to_string rather than an ostringstream: with torch 2.11 on the H100 machine, an ostringstream
-// in this library crashed (SIGSEGV) on every call that formatted a shape, while the same messages built without
-// iostreams raise normally.
 std::string py_tuple(at::IntArrayRef shape) {
   std::string out = "(";
   for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
@@ -57,6 +53,8 @@ std::string py_float(double value) {
   if (text.find_first_of(".e") == std::string::npos) text += ".0";
   return text;
 }
+
+namespace {
 
 std::string describe(const at::Tensor& t) {
   return "shape " + py_tuple(t.sizes()) + ", dtype " + py_dtype(t.scalar_type()) + ", device " + t.device().str();
@@ -143,10 +141,10 @@ Sizes check_forward_args(const at::Tensor& x, const at::Tensor& weight, const st
   const int64_t d_out = weight.size(0), d_in = weight.size(1);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (N, d_in) for the condlora_C ops (condlora_linear flattens the ",
                     "leading dimensions), got ", describe(x));
-  TORCH_CHECK_VALUE(x.size(1) == d_in, "x must have last dimension d_in=", d_in, " (weight is ", py_tuple(weight.sizes()),
+  TORCH_CHECK_VALUE(x.size(1) == d_in, "x must have last dimension d_in=", std::to_string(d_in), " (weight is ", py_tuple(weight.sizes()),
                     "), got x ", py_tuple(x.sizes()));
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d_out, "bias must have shape (", d_out,
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d_out, "bias must have shape (", std::to_string(d_out),
                       ",) to match weight ", py_tuple(weight.sizes()), ", got ", py_tuple(bias->sizes()));
   }
   check_seed(seed, dropout_p, x.device());

@@ -27,6 +27,14 @@ struct Sizes {
   Mode mode;
 };
 
+// Values in Python's notation for the error messages: (2, 3), torch.float32, 0.5. Every argument of a TORCH_CHECK
+// message in this library is a string: c10::str joins strings directly but formats any other type through an
+// std::ostringstream, and with torch 2.11 on the H100 machine an ostringstream in this library crashed the
+// process (SIGSEGV) instead of raising (measured: only the messages that formatted an integer crashed).
+std::string py_tuple(at::IntArrayRef shape);
+std::string py_dtype(at::ScalarType dtype);
+std::string py_float(double value);
+
 // Argument checks with the wording of condlora_kernels/_validation.py (TypeError / ValueError as there).
 Sizes check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,

@@ -358,6 +358,20 @@ def test_opcheck_cpu():
     _opcheck_all("cpu")
 
 
+@needs_ext
+def test_compile_before_any_eager_call():
+    """A fresh process whose first call of the op is inside torch.compile(fullgraph=True): the backend's module
+    must already be imported (backends.preload_backends), since Dynamo cannot trace an import."""
+    code = ("import torch; from condlora_kernels import FusedCondLoRALinear\n"
+            "layer = FusedCondLoRALinear.from_linear(torch.nn.Linear(16, 16), r=2)\n"
+            "torch.nn.init.normal_(layer.generator.theta_b, std=0.1)\n"
+            "x = torch.randn(5, 16)\n"
+            "out = torch.compile(layer, fullgraph=True)(x)\n"
+            "torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def _compile_check(device):
     torch.manual_seed(0)
     backend = "cpu" if device == "cpu" else "cuda"

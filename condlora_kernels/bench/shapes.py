@@ -44,6 +44,7 @@ GPU_QUICK_SHAPES = (GPU_SHAPES[0], GPU_SHAPES[2], GPU_SHAPES[5])
 CPU_SHAPES = (
     KernelShape(1024, 256, 256, 8, note="small square (CPU)"),
     KernelShape(1024, 256, 384, 8, mode="general", note="small non-square (CPU)"),
+    KernelShape(2048, 768, 768, 8, note="RoBERTa-base width, the CPU backend's target shape (fp32)"),
 )
 CPU_QUICK_SHAPES = (
     KernelShape(256, 64, 64, 4, note="tiny square (CPU quick)"),

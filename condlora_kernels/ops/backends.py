@@ -94,6 +94,17 @@ BACKEND_IMPLS = {
 }
 BACKENDS = {name: Backend(name, location) for name, location in BACKEND_IMPLS.items()}
 
+
+
+def preload_backends() -> None:
+    """Import now the backends that `backend="auto"` can pick on this machine, rather than on first use:
+    torch.compile cannot trace an import, so a model compiled before any eager call would break its graph
+    there (an error under fullgraph=True). The C++ extension loads in milliseconds; Triton's module takes
+    about a second, so only where a GPU is."""
+    for name in ("cpu", "cuda") + (("triton",) if torch.cuda.is_available() else ()):
+        BACKENDS[name]._load()
+
+
 _warned: set = set()
 
 
