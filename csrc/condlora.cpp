@@ -125,6 +125,13 @@ void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const a
   TORCH_CHECK_VALUE(seed->device() == device, "seed is on ", seed->device().str(), " but x is on ", device.str());
 }
 
+void check_mask_args(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
+  TORCH_CHECK_VALUE(n_rows >= 0 && n_cols >= 0, "n_rows and n_cols must be >= 0, got ", std::to_string(n_rows), " and ",
+                    std::to_string(n_cols));
+  check_seed(seed, dropout_p, seed.device());
+}
+
 Sizes check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
                          const std::optional<at::Tensor>& seed, const std::string& mode_name) {

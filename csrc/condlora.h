@@ -44,6 +44,8 @@ Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const a
                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
                           const std::optional<at::Tensor>& seed, const std::string& mode);
 void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const at::Device& device);
+// dropout_keep_mask's arguments: p in [0, 1), sizes >= 0, an int64 seed with one element.
+void check_mask_args(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p);
 
 // The device-specific kernels the shared forward and backward call. Every tensor is contiguous and on one device;
 // outputs are preallocated (an undefined tensor means "not needed") and are overwritten, except grad_x.

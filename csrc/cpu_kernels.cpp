@@ -196,10 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }
 
 at::Tensor dropout_keep_mask_cpu(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p) {
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
-  TORCH_CHECK_VALUE(n_rows >= 0 && n_cols >= 0, "n_rows and n_cols must be >= 0, got ", std::to_string(n_rows), " and ",
-                    std::to_string(n_cols));
-  check_seed(seed, dropout_p, seed.device());
+  check_mask_args(seed, n_rows, n_cols, dropout_p);
   at::Tensor mask = at::empty({n_rows, n_cols}, seed.options().dtype(at::kBool));
   const DropoutParams dropout = make_dropout_params(dropout_p);
   const uint64_t seed_u64 = seed_value(seed);

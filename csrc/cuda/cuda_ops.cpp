@@ -141,7 +141,8 @@ void x_pass_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& lor
   token_reduce(x, v, seed, p, lora_a, scaling, grad_x, grad_a, scaling, at::Tensor());
 }
 
-// The backward's pass over dy: dB^T = s u^T dy and db = sum over rows of dy, reading dy once.
+// The backward's reductions over dy: dB^T = s u^T dy and db = sum over rows of dy. As two cuBLAS/ATen passes
+// (measured faster than token_reduce's single read of dy, NOTES.md), or token_reduce under CONDLORA_CUDA_PLAN=fused.
 void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling, const at::Tensor& grad_b_t,
                   const at::Tensor& grad_bias) {
   if (gemm_reductions(u.size(1), 0.0)) {
@@ -191,10 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 }
 
 at::Tensor dropout_keep_mask_cuda(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p) {
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
-  TORCH_CHECK_VALUE(n_rows >= 0 && n_cols >= 0, "n_rows and n_cols must be >= 0, got ", std::to_string(n_rows), " and ",
-                    std::to_string(n_cols));
-  check_seed(seed, dropout_p, seed.device());
+  check_mask_args(seed, n_rows, n_cols, dropout_p);
   const c10::OptionalDeviceGuard guard(cuda_device_of(seed));
   at::Tensor mask = at::empty({n_rows, n_cols}, seed.options().dtype(at::kBool));
   const DropoutParams dropout = make_dropout_params(dropout_p);
