@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the device machine (torch and triton preinstalled, no registry): install, GPU tests,
 # kernel measurements. Results land in $OUT.
-# Usage: bash benchmarks/gpu_session.sh [build] [tests] [cpp] [gputests] [probes] [cudaexplore] [compile] [alltests] [gemm] [helpers]
+# Usage: bash benchmarks/gpu_session.sh [build] [tests] [cpp] [gputests] [probes] [hostprobe] [cudaexplore] [compile] [alltests] [gemm] [helpers]
 #        [explore] [explore-full] [profile] [benchpytest] [bench]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -10,10 +10,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (pytest-xdist, ...)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
+# the Triton autotuner's cache: carried in (carry [".autotune_cache"]) and brought back under $OUT
+export CONDLORA_CACHE_DIR=${CONDLORA_CACHE_DIR:-$PWD/.autotune_cache}
 want() { [[ " $* " == *" $STEP "* ]]; }
 steps="$*"
 skip_ext=1  # the extension build (~1-2 min) only for the steps that use it
-for s in $steps; do case $s in build|cpp|gputests|probes|cudaexplore|alltests|benchpytest|bench) skip_ext=0 ;; esac; done
+for s in $steps; do case $s in build|cpp|gputests|probes|hostprobe|cudaexplore|alltests|benchpytest|bench) skip_ext=0 ;; esac; done
 start=$(date +%s)
 CONDLORA_SKIP_EXT=$skip_ext python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { tail -30 "$OUT/install.log"; exit 1; }
@@ -35,12 +37,15 @@ for STEP in $steps; do
     profile) timeout 120 python3 benchmarks/triton_explore.py --profile 2>&1 | tee "$OUT/profile.log" | head -60 ;;
     gputests) timeout 470 python3 -m pytest tests/test_cpp_backend.py tests/test_triton_backend.py tests/test_triton_autotune.py \
                 -q -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    hostprobe) timeout 300 python3 benchmarks/host_probe.py ${HOSTPROBE_ARGS:---model} 2>&1 | tee "$OUT/host_probe.log" | grep -E "^HOST|^MODEL|^TOP|Error" ;;
     probes) timeout 200 python3 benchmarks/capture_probe.py frozen "condlora[triton]" "condlora[cuda]" 2>&1 | grep -E "PROBE|Error" ;;
     cudaexplore) timeout 300 python3 benchmarks/cuda_explore.py --skip-capture --out "$OUT/cuda_explore.json" 2>&1 | tee "$OUT/cuda_explore.log" | grep -E "^CUDA|Error" ;;
-    benchpytest) CONDLORA_BENCH_QUICK=1 timeout 500 python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/pytest_benchmarks.json" 2>&1 | tee "$OUT/pytest_benchmarks.log" | tail -25 ;;
-    bench) timeout 420 python3 -m condlora_kernels bench --output "$OUT/bench" \
-             --providers frozen lora peft_lora paper_code paper_code_compiled "condlora[triton]" "condlora[cuda]" \
+    benchpytest) CONDLORA_BENCH_QUICK=1 timeout ${BENCHPYTEST_TIMEOUT:-500} python3 -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/pytest_benchmarks.json" 2>&1 | tee "$OUT/pytest_benchmarks.log" | tail -25 ;;
+    bench) timeout ${BENCH_TIMEOUT:-420} python3 -m condlora_kernels bench --output "$OUT/bench" ${BENCH_ARGS:-} \
+             --providers frozen lora peft_lora paper_code paper_code_compiled paper_code_condlora "condlora[triton]" "condlora[cuda]" \
              2>&1 | tee "$OUT/bench.log" | tail -60 ;;
   esac
   echo "step $STEP: $(( $(date +%s) - t0 )) s"
 done
+[ -d "$CONDLORA_CACHE_DIR" ] && cp -r "$CONDLORA_CACHE_DIR" "$OUT/autotune_cache"
+true
