@@ -256,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
 //
 // Passes over the N-sized tensors: dy is read by the v GEMM, the dx GEMM and one pass for dB^T and db; x is read
 // once, by the pass that yields dA and adds the low-rank term to dx (drawing the mask once per element). Without
-// dropout and with N >= d, dx = dy (W0 + s B A) instead: one GEMM, no pass adding a low-rank term.
+// dropout and with N >= d, dx = dy (W0 + s B A) instead: one GEMM, no pass adding a low-rank term. Without dropout,
+// a device's token_reductions (CPU) reads dy and x once for v, dA, dB^T and db together.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
     const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u_in, const at::Tensor& lora_a_in,
@@ -286,8 +287,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
   if (need_bias) grad_bias = at::empty({sz.d_out}, options);
 
   const bool fold = need_x && fold_into_weight(sz, dropout_p, dy);
-  at::Tensor v;  // dy B (N, r), with B read as the transpose of a contiguous B^T: MKL's skinny GEMM is ~2x faster
-  if (need_theta_a || (need_x && !fold)) v = at::mm(dy, lora_b.t().contiguous().t());
+  const bool dx_needs_v = need_x && !fold;
+  at::Tensor v;  // dy B (N, r)
+  // Without dropout a device may do every reduction over tokens (and v) in one pass over dy and x
+  bool reductions_done = false;
+  if (dropout_p == 0.0 && kernels.token_reductions != nullptr && (need_theta_a || need_theta_b || need_bias)) {
+    if (dx_needs_v) v = at::empty({sz.n_rows, r}, options);
+    reductions_done = kernels.token_reductions(dy, x, u, lora_b, scaling, v, grad_a, grad_b_t, grad_bias);
+  }
+  if (!reductions_done && (need_theta_a || dx_needs_v)) {
+    v = at::mm(dy, lora_b.t().contiguous().t());  // B read as the transpose of a contiguous B^T: MKL is ~2x faster
+  }
 
   at::Tensor grad_x;
   bool grad_a_done = false;
@@ -302,14 +312,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
     } else {
       // the frozen GEMM first, then the pass over x (which also yields dA) adds E = s (v A) * M / (1 - p) to it
       grad_x = at::mm(dy, weight);
-      kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, grad_a, grad_x);
+      kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, reductions_done ? at::Tensor() : grad_a, grad_x);
       grad_a_done = true;
     }
   }
-  if (need_theta_a && !grad_a_done) {
-    kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, grad_a, at::Tensor());
+  if (!reductions_done) {
+    if (need_theta_a && !grad_a_done) kernels.x_pass(x, v, lora_a, seed, dropout_p, scaling, grad_a, at::Tensor());
+    if (need_theta_b || need_bias) kernels.dy_pass(dy, u, scaling, grad_b_t, grad_bias);
   }
-  if (need_theta_b || need_bias) kernels.dy_pass(dy, u, scaling, grad_b_t, grad_bias);
 
   at::Tensor grad_theta_a, grad_theta_b;
   if (stack_ab) {

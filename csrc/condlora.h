@@ -68,6 +68,14 @@ struct DeviceKernels {
   // GEMM libraries that apply beta once, at the end (cuBLAS); not for CPU BLAS, which adds C into its split-K
   // reduction block by block.
   bool (*lowrank_first)(double dropout_p);
+  // Optional (nullptr: not provided). Without dropout, every reduction over tokens of the backward in one pass over
+  // the rows of dy and x, with v = dy B (N, r) written to v_out when v_out is defined:
+  //   grad_a (r, d_in) = s * v^T x,   grad_b_t (r, d_out) = s * u^T dy,   grad_bias (d_out,) = sum over rows of dy
+  // Returns false, having written nothing, where it does not handle the inputs (their dtype, say): the backward then
+  // takes the separate passes above.
+  bool (*token_reductions)(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
+                           const at::Tensor& lora_b, double scaling, const at::Tensor& v_out, const at::Tensor& grad_a,
+                           const at::Tensor& grad_b_t, const at::Tensor& grad_bias);
 };
 
 // (lora_a, lora_b) = (A, B), contiguous, in W0's dtype.

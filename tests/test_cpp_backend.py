@@ -133,6 +133,24 @@ def test_cpu_partial_gradients(needs, mode, dropout_p):
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("mode,n,d_in,d_out", [("paper", 301, 64, 64), ("general", 301, 33, 70),
+                                               ("paper", 200, 256, 256)])
+def test_cpu_token_reductions_over_thread_chunks(threads, mode, n, d_in, d_out):
+    """Without dropout the CPU backward takes dA, dB^T, db (and v, where dx is not folded: N < d) from one
+    hand-written pass over dy and x, its rows split into one chunk per thread: uneven chunks, a ragged last group of
+    rows, d not a multiple of the 16 partial sums."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (True, False):
+            problem = make_problem(n, d_in, d_out, 5, mode=mode, bias=bias, dtype=torch.float32, seed=threads + n)
+            _assert_all_ok(backend_vs_reference("cpu", problem, dropout_p=0.0))
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
 @pytest.mark.parametrize("mode,d_in,d_out", [("paper", 12, 12), ("general", 9, 13)])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 def test_cpu_float64_matches_reference(mode, d_in, d_out, dropout_p):

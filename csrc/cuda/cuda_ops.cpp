@@ -154,7 +154,8 @@ void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling,
   token_reduce(grad_y, u, std::nullopt, 0.0, at::Tensor(), 1.0, at::Tensor(), grad_b_t, scaling, grad_bias);
 }
 
-const DeviceKernels kCudaKernels{dropout_project_cuda, x_pass_cuda, dy_pass_cuda, lowrank_first_cuda};
+const DeviceKernels kCudaKernels{dropout_project_cuda, x_pass_cuda, dy_pass_cuda, lowrank_first_cuda,
+                                  /*token_reductions=*/nullptr};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The ops for the CUDA dispatch key. The dispatcher does not switch devices for custom ops: each op sets the device
