@@ -237,6 +237,15 @@ def test_second_call_uses_the_choice_without_timing(measurable):
     assert fake.launches == [1]
 
 
+def test_heuristic_kept_unless_beaten_by_the_margin(measurable):
+    margin = autotune.HEURISTIC_MARGIN
+    fake = FakeKernel([1.0, 1.0 - margin / 2, 1.2, 1.1])  # faster, but within the timing noise the margin allows
+    assert tuned(fake) == CANDIDATES[0]
+    assert fake.launches == [0, 1, 2, 3, 0]  # the heuristic runs again, last: its outputs are the call's
+    autotune.clear_cache(remove_file=True)
+    assert tuned(FakeKernel([1.0, 1.0 - 2 * margin, 1.2, 1.1])) == CANDIDATES[1]
+
+
 def test_candidate_out_of_resources_is_dropped(measurable):
     fake = FakeKernel([3.0, 1.0, 2.0, 1.5], fail={1})
     assert tuned(fake) == CANDIDATES[3]
