@@ -267,6 +267,7 @@ CONDLORA_ALWAYS_INLINE void reduce_rows(const TokenReductionArgs<T>& a, int64_t 
 
 // The same loops compiled twice: for x86-64's baseline (SSE2) and, chosen at run time where the CPU has them, for
 // AVX2 and FMA (twice the vector width; the build targets the baseline, so the compiler will not use them unasked).
+// In the AVX2 clone the compiler may contract a * b + c into one FMA, so its last bits can differ from the baseline's.
 template <typename T>
 void reduce_rows_baseline(const TokenReductionArgs<T>& a, int64_t begin, int64_t end, T* grad_a, T* grad_b_t,
                           T* grad_bias) {
