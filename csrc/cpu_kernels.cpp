@@ -184,8 +184,8 @@ void dy_pass_cpu(const at::Tensor& grad_y, const at::Tensor& u, double scaling, 
 //   grad_a    += v[k]^T x[k]      r row updates of length d_in   }
 // and s is applied once, at the end. The loops are written so that a compiler vectorises them without reassociating
 // any sum (no -ffast-math): a dot product keeps kLanes partial sums; a row update adds its group's rows in order.
-// Each chunk of rows (one per thread) has its own partial sums, added in chunk order at the end: results depend on
-// the thread count, as ATen's GEMMs do, but not on the schedule.
+// The rows are split as for the dropout passes (RowBlocks: a chunk per thread with its own partial sums, added in
+// chunk order at the end): results depend on the thread count, as ATen's GEMMs do, but not on the schedule.
 
 constexpr int64_t kLanes = 16;  // partial sums of a dot product: two AVX2 registers of float
 constexpr int kRowGroup = 4;    // rows whose updates go into an accumulator row in one pass over it
@@ -256,29 +256,23 @@ CONDLORA_ALWAYS_INLINE void reduce_row_group(const TokenReductionArgs<T>& a, int
   }
 }
 
+// Rows [begin, end) into one chunk's partial sums; v is scratch for kRowGroup rows of v.
 template <typename T>
-CONDLORA_ALWAYS_INLINE void reduce_rows(const TokenReductionArgs<T>& a, int64_t begin, int64_t end, T* grad_a,
+CONDLORA_ALWAYS_INLINE void reduce_rows(const TokenReductionArgs<T>& a, int64_t begin, int64_t end, T* v, T* grad_a,
                                         T* grad_b_t, T* grad_bias) {
-  std::vector<T> v(kRowGroup * a.r);
   int64_t k = begin;
-  for (; k + kRowGroup <= end; k += kRowGroup) reduce_row_group<kRowGroup>(a, k, v.data(), grad_a, grad_b_t, grad_bias);
-  for (; k < end; ++k) reduce_row_group<1>(a, k, v.data(), grad_a, grad_b_t, grad_bias);
+  for (; k + kRowGroup <= end; k += kRowGroup) reduce_row_group<kRowGroup>(a, k, v, grad_a, grad_b_t, grad_bias);
+  for (; k < end; ++k) reduce_row_group<1>(a, k, v, grad_a, grad_b_t, grad_bias);
 }
 
 // The same loops compiled twice: for x86-64's baseline (SSE2) and, chosen at run time where the CPU has them, for
 // AVX2 and FMA (twice the vector width; the build targets the baseline, so the compiler will not use them unasked).
 // In the AVX2 clone the compiler may contract a * b + c into one FMA, so its last bits can differ from the baseline's.
-template <typename T>
-void reduce_rows_baseline(const TokenReductionArgs<T>& a, int64_t begin, int64_t end, T* grad_a, T* grad_b_t,
-                          T* grad_bias) {
-  reduce_rows(a, begin, end, grad_a, grad_b_t, grad_bias);
-}
-
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <typename T>
 __attribute__((target("avx2,fma"))) void reduce_rows_avx2(const TokenReductionArgs<T>& a, int64_t begin,
-                                                          int64_t end, T* grad_a, T* grad_b_t, T* grad_bias) {
-  reduce_rows(a, begin, end, grad_a, grad_b_t, grad_bias);
+                                                          int64_t end, T* v, T* grad_a, T* grad_b_t, T* grad_bias) {
+  reduce_rows(a, begin, end, v, grad_a, grad_b_t, grad_bias);
 }
 
 bool cpu_has_avx2_fma() {
@@ -288,12 +282,12 @@ bool cpu_has_avx2_fma() {
 #endif
 
 template <typename T>
-void reduce_rows_best(const TokenReductionArgs<T>& a, int64_t begin, int64_t end, T* grad_a, T* grad_b_t,
+void reduce_rows_best(const TokenReductionArgs<T>& a, int64_t begin, int64_t end, T* v, T* grad_a, T* grad_b_t,
                       T* grad_bias) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (cpu_has_avx2_fma()) return reduce_rows_avx2(a, begin, end, grad_a, grad_b_t, grad_bias);
+  if (cpu_has_avx2_fma()) return reduce_rows_avx2(a, begin, end, v, grad_a, grad_b_t, grad_bias);
 #endif
-  reduce_rows_baseline(a, begin, end, grad_a, grad_b_t, grad_bias);
+  reduce_rows(a, begin, end, v, grad_a, grad_b_t, grad_bias);
 }
 
 bool token_reductions_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
@@ -304,11 +298,9 @@ bool token_reductions_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   const int64_t n_rows = x.size(0), d_in = x.size(1), d_out = grad_y.size(1), r = u.size(1);
   const bool want_a = grad_a.defined(), want_b = grad_b_t.defined(), want_bias = grad_bias.defined();
   const at::Tensor b_t = lora_b.t().contiguous();
-  // one chunk of at least 64 rows per thread, each with its own partial sums
-  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows / 64));
-  const int64_t rows_per_chunk = (n_rows + n_chunks - 1) / n_chunks;
+  const RowBlocks blocks(n_rows, d_in + d_out, x.element_size());  // a token's rows of x and dy
   auto partials = [&](bool wanted, int64_t per_chunk) {
-    return wanted ? at::zeros({n_chunks, per_chunk}, x.options()) : at::Tensor();
+    return wanted ? at::zeros({blocks.n_chunks, per_chunk}, x.options()) : at::Tensor();
   };
   at::Tensor partial_a = partials(want_a, r * d_in), partial_b = partials(want_b, r * d_out);
   at::Tensor partial_bias = partials(want_bias, d_out);
@@ -320,12 +312,11 @@ bool token_reductions_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
     auto chunk_ptr = [](const at::Tensor& t, int64_t chunk) {
       return t.defined() ? t.data_ptr<scalar_t>() + chunk * t.size(1) : nullptr;
     };
-    at::parallel_for(0, n_chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t chunk = first; chunk < last; ++chunk) {
-        const int64_t begin = std::min(n_rows, chunk * rows_per_chunk), end = std::min(n_rows, begin + rows_per_chunk);
-        reduce_rows_best(args, begin, end, chunk_ptr(partial_a, chunk), chunk_ptr(partial_b, chunk),
-                         chunk_ptr(partial_bias, chunk));
-      }
+    blocks.for_each([&](int64_t chunk, int64_t begin, int64_t end) {
+      thread_local std::vector<scalar_t> v;
+      v.resize(kRowGroup * r);
+      reduce_rows_best(args, begin, end, v.data(), chunk_ptr(partial_a, chunk), chunk_ptr(partial_b, chunk),
+                       chunk_ptr(partial_bias, chunk));
     });
   });
   auto finish = [&](const at::Tensor& out, const at::Tensor& partial, double factor) {
