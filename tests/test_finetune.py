@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -250,3 +251,26 @@ def test_default_model_folder_loads_offline():
     model = load_model(default_model_path(), ["a", "b"], seed=0)
     assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
     assert model.classifier.out_features == 2 and model.classifier.weight.dtype == torch.float32
+
+
+def test_lr_sweep_tool_parallel_workers_write_the_tables(model_dir, two_class_csv, tmp_path, monkeypatch):
+    """tools/lr_sweep.py, as the GPU run uses it: two worker processes, both methods, the reference backend."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    import lr_sweep
+
+    out = tmp_path / "sweep"
+    assert lr_sweep.main(["--model", model_dir, "--data", two_class_csv, "--device", "cpu", "--max-length", "8",
+                          "--batch-size", "4", "--lora-lrs", "1e-3", "--condlora-lrs", "1e-3", "1e-2",
+                          "--reference-lrs", "1e-2", "--seeds", "0", "1", "--parallel", "2",
+                          "--output", str(out)]) == 0
+    record = json.loads((out / "lr_sweep.json").read_text())
+    assert record["complete"] and len(record["points"]) == 8
+    assert {(lr_sweep.variant(p), p["lr"], p["seed"]) for p in record["points"]} == {
+        (v, lr, seed) for v, lr in [("lora", 1e-3), ("condlora", 1e-3), ("condlora", 1e-2),
+                                    ("condlora[reference]", 1e-2)] for seed in (0, 1)}
+    assert {p["backend"] for p in record["points"] if p["method"] == "condlora"} == {"cpu", "reference"}
+    cell = record["summary"]["condlora"]["0.01"]
+    assert cell["n"] == 2 and cell["seeds"] == [0, 1] and 0 <= cell["mean"] <= 1
+    table = (out / "lr_sweep.md").read_text()
+    assert "| condlora[reference] | " in table and "Reference against fused backend at lr 0.01" in table
+    assert "Best: LoRA " in table
