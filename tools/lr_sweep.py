@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from condlora_kernels.finetune import RECOMMENDED_LR, InputError, TrainSettings, finetune, load_csv, load_tokenizer, prepare_data
+from condlora_kernels.finetune import (RECOMMENDED_LR, InputError, TrainSettings, finetune, load_csv, load_tokenizer,
+                                       prepare_data)
 from condlora_kernels.finetune.cli import (MAX_LENGTH, check_model_path, default_model_path, _count_or_all,
                                            resolve_sizes)
 from condlora_kernels.finetune.train import resolve_device
@@ -66,7 +67,8 @@ def parse_args(argv=None):
 
 def grid(args) -> list:
     """(method, backend, lr, seed) points, seed by seed."""
-    per_seed = ([("lora", None, lr) for lr in args.lora_lrs] + [("condlora", args.backend, lr) for lr in args.condlora_lrs]
+    per_seed = ([("lora", None, lr) for lr in args.lora_lrs]
+                + [("condlora", args.backend, lr) for lr in args.condlora_lrs]
                 + [("condlora", "reference", lr) for lr in args.reference_lrs])
     return [(method, backend, lr, seed) for seed in args.seeds for method, backend, lr in per_seed]
 
@@ -105,8 +107,9 @@ def summarize(points: list) -> dict:
         summary[name] = {}
         for lr, rows in sorted(by_lr.items()):
             accs = [r["accuracy"] for r in sorted(rows, key=lambda r: r["seed"])]
-            summary[name][lr] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                                 "n": len(accs), "accuracies": accs, "seeds": sorted(r["seed"] for r in rows),
+            summary[name][lr] = {"mean": statistics.fmean(accs), "n": len(accs),
+                                 "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accuracies": accs,
+                                 "seeds": sorted(r["seed"] for r in rows),
                                  "diverged": sum(r["diverged"] for r in rows),
                                  "examples_per_s": statistics.fmean(r["examples_per_s"] for r in rows)}
     return summary
@@ -125,7 +128,8 @@ def markdown(record: dict) -> str:
              f"r=8, query+value, {record['environment']['device']}. Accuracy on the held-out split, mean ± standard "
              f"deviation over seeds (n seeds); best rate of each method in bold.", ""]
     params = {variant(p): p["adapter_params"] for p in points}
-    lines += ["| method | adapter params | lr | accuracy | n | diverged | train examples/s |", "|---|---|---|---|---|---|---|"]
+    lines += ["| method | adapter params | lr | accuracy | n | diverged | train examples/s |",
+              "|---|---|---|---|---|---|---|"]
     for name, by_lr in summary.items():
         best = best_lr(by_lr)
         for lr, cell in by_lr.items():
@@ -137,9 +141,10 @@ def markdown(record: dict) -> str:
     if lora and cond:
         lb, cb = best_lr(lora), best_lr(cond)
         gap = 100 * (cond[cb]["mean"] - lora[lb]["mean"])
-        lines.append(f"Best: LoRA {100 * lora[lb]['mean']:.2f} at lr {lb:g}, CondLoRA {100 * cond[cb]['mean']:.2f} at lr "
-                     f"{cb:g}: CondLoRA {gap:+.2f} points (target: within 1.5), with 1/"
-                     f"{params['lora'] / params['condlora']:.1f} of LoRA's adapter parameters.")
+        lines.append(f"Best: LoRA {100 * lora[lb]['mean']:.2f} at lr {lb:g}, "
+                     f"CondLoRA {100 * cond[cb]['mean']:.2f} at lr {cb:g}: CondLoRA {gap:+.2f} points "
+                     f"(target: within 1.5), with 1/{params['lora'] / params['condlora']:.1f} of LoRA's adapter "
+                     f"parameters.")
     for lr, ref in summary.get("condlora[reference]", {}).items():
         fused = cond.get(lr)
         if fused:
@@ -148,8 +153,8 @@ def markdown(record: dict) -> str:
                      if variant(p) == "condlora[reference]" and p["lr"] == lr and p["seed"] in pairs]
             spread = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
             lines.append(f"Reference against fused backend at lr {lr:g}: {100 * ref['mean']:.2f} against "
-                         f"{100 * fused['mean']:.2f}; per-seed difference {statistics.fmean(diffs):+.2f} ± {spread:.2f} "
-                         f"points over {len(diffs)} seed(s) (seed-to-seed std of the fused runs: "
+                         f"{100 * fused['mean']:.2f}; per-seed difference {statistics.fmean(diffs):+.2f} "
+                         f"± {spread:.2f} points over {len(diffs)} seed(s) (seed-to-seed std of the fused runs: "
                          f"{100 * fused['std']:.2f}).")
     return "\n".join(lines) + "\n"
 
@@ -193,8 +198,8 @@ def main(argv=None) -> int:
         record["points"].append(result)
         write(args.output, record)
         print(f"[{len(record['points'])}/{len(points)}] {variant(result)} lr {result['lr']:g} seed {result['seed']}: "
-              f"accuracy {result['accuracy']:.4f} ({result['wall_seconds']:.1f} s; {time.perf_counter() - started:.0f} s "
-              f"in all)", flush=True)
+              f"accuracy {result['accuracy']:.4f} ({result['wall_seconds']:.1f} s; "
+              f"{time.perf_counter() - started:.0f} s in all)", flush=True)
 
     if args.parallel <= 1:
         _init_worker(model_path, data, base, None)
