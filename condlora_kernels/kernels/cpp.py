@@ -91,6 +91,37 @@ if _C is not None:
     def _dropout_keep_mask_fake(seed, n_rows, n_cols, dropout_p):
         return seed.new_empty(n_rows, n_cols, dtype=torch.bool)
 
+    @torch.library.register_fake("condlora_C::prepare")
+    def _prepare_fake(weight, theta_a, theta_b, dtype, mode):
+        d_out, d_in = weight.shape
+        r = theta_a.shape[0]
+        cast = weight.dtype != dtype
+        return (weight.new_empty((d_out, d_in) if cast else (0, 0), dtype=dtype), weight.new_empty(r, d_in, dtype=dtype),
+                weight.new_empty(d_out, r, dtype=dtype))
+
+    @torch.library.register_fake("condlora_C::forward_ab")
+    def _forward_ab_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+    @torch.library.register_fake("condlora_C::backward_ab")
+    def _backward_ab_fake(grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode, theta_dtype, needs):
+        need_x, need_theta_a, need_theta_b, need_bias = needs
+        d_out, d_in = weight.shape
+        r = lora_a.shape[0]
+        theta_a_cols = d_in if mode == "paper" else d_out
+        return (x.new_empty(x.shape if need_x else (0,)),
+                x.new_empty((r, theta_a_cols) if need_theta_a else (0,), dtype=theta_dtype),
+                x.new_empty((r, d_in) if need_theta_b else (0,), dtype=theta_dtype),
+                x.new_empty((d_out,) if need_bias else (0,)))
+
+    @torch.library.register_fake("condlora_C::draw_seed")
+    def _draw_seed_fake(like):
+        return like.new_empty(1, dtype=torch.int64)
+
+    @torch.library.register_fake("condlora_C::linear")
+    def _linear_fake(x, weight, bias, theta_a, theta_b, scaling, dropout_p=0.0, mode="paper"):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The backend interface of ops/backends.py

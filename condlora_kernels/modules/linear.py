@@ -93,9 +93,10 @@ class FusedCondLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        dtype = self.weight.dtype
-        return condlora_linear(x, self.weight, self.bias, self.generator.theta_a.to(dtype),
-                               self.generator.theta_b.to(dtype), self.scaling,
+        # the generators go as they are (float32 masters of a half-precision layer): the op casts them per call
+        # and returns their gradients in their own dtype (docs/design.md §4)
+        generator = self.generator
+        return condlora_linear(x, self.weight, self.bias, generator.theta_a, generator.theta_b, self.alpha / self.r,
                                dropout_p=self.dropout if self.training else 0.0, mode=self.mode,
                                backend=self.backend)
 
