@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -103,12 +103,3 @@ def check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, m
                          "call weight.requires_grad_(False)")
     n_rows = x.numel() // d_in
     return Problem(n_rows, d_in, d_out, r)
-
-
-def check_seed(seed: Optional[torch.Tensor], device: torch.device) -> None:
-    if seed is None:
-        return
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise TypeError(f"seed must be an int64 tensor with one element, got {seed!r}")
-    if seed.device != device:
-        raise ValueError(f"seed is on {seed.device} but x is on {device}")
