@@ -17,6 +17,7 @@ import triton.language as tl
 from condlora_kernels import BackendUnavailableError, reference, FusedCondLoRALinear, condlora_linear
 from condlora_kernels.ops.backends import BACKENDS
 from condlora_kernels.kernels.triton import condlora_linear as tk
+from condlora_kernels.kernels.triton import runtime
 from condlora_kernels.kernels.triton.config import BackwardConfig, ForwardConfig, backward_tile
 from condlora_kernels.ops.condlora_linear import CondLoRALinearFunction
 from condlora_kernels.testing import ODD_SHAPES, backend_vs_reference, make_problem
@@ -78,6 +79,13 @@ def test_dropout_mask_bit_exact():
     _mask_kernel[(triton.cdiv(n_rows, 16),)](seed, out, n_rows, d_in, reference.dropout_threshold(p),
                                              BLOCK_R=16, BLOCK_C=32)
     assert torch.equal(out.bool(), reference.dropout_keep_mask(seed, n_rows, d_in, p))
+
+
+def test_launch_refuses_a_missing_or_unknown_argument():
+    """Launches name every runtime argument: a missing or misspelt one is an error, never a shifted argument."""
+    args = {name: 0 for name in ("x_ptr", "w_ptr", "stride_xn")}
+    with pytest.raises(TypeError, match="stride_xk.*stride_xn"):
+        runtime.launch(tk.condlora_forward_kernel, (1,), args, {"num_stages": 1}, torch.empty(1, device=DEVICE))
 
 
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False),

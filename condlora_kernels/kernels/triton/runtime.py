@@ -7,6 +7,7 @@ flags, tensor descriptors, the dropout mask's arguments, and the launch itself w
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from typing import Optional
@@ -124,23 +125,42 @@ def _launchable(kernel, like: torch.Tensor):
     return torch.library.wrap_triton(kernel) if tracing(like) else kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _runtime_parameters(kernel) -> tuple[str, ...]:
+    """The kernel's parameters that are not tl.constexpr, in order (the interpreter's kernels too)."""
+    parameters = inspect.signature(kernel.fn).parameters.values()
+    return tuple(p.name for p in parameters if "constexpr" not in str(p.annotation))
+
+
+def _in_order(kernel, args: dict) -> tuple:
+    """The runtime arguments, given by name, in the kernel's parameter order; every one must be named."""
+    names = _runtime_parameters(kernel)
+    try:
+        if len(args) == len(names):
+            return tuple(map(args.__getitem__, names))
+    except KeyError:
+        pass
+    raise TypeError(f"{kernel.fn.__name__}: arguments {sorted(set(args) ^ set(names))} missing or unknown")
+
+
 _STAGE_LIMITS: dict = {}  # launch configuration -> the most pipeline stages that fit this GPU's shared memory
 
 
 def launch(kernel, grid, args: dict, meta: dict, like: torch.Tensor, quiet: bool = False) -> None:
-    """kernel[grid](**args, **meta): `args` are the runtime arguments by name, `meta` the constexpr
-    ones and the launch options num_warps and num_stages.
+    """kernel[grid](**args, **meta): `args` are the runtime arguments by name (passed on in the kernel's
+    parameter order: the binder's fast path, and the form wrap_triton has always been given), `meta`
+    the constexpr ones and the launch options num_warps and num_stages.
 
     One fallback: a configuration whose pipeline does not fit the GPU's shared memory (an A100 has
     164 KiB, an H100 227 KiB; Triton versions lay buffers out differently) is retried with one stage
     fewer, and the limit is remembered. Said once, as a warning: it costs some speed (not while the
     autotuner races candidates, `quiet`: it times each as it runs)."""
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), like.device,
-           tuple(sorted((k, v) for k, v in meta.items() if k != "num_stages")))
+    key = (kernel.fn.__name__, like.device, tuple(sorted((k, v) for k, v in meta.items() if k != "num_stages")))
     stages = min(meta["num_stages"], _STAGE_LIMITS.get(key, meta["num_stages"]))
+    positional = _in_order(kernel, args)
     while True:
         try:
-            _launchable(kernel, like)[grid](**args, **{**meta, "num_stages": stages})
+            _launchable(kernel, like)[grid](*positional, **{**meta, "num_stages": stages})
             return
         except triton.runtime.errors.OutOfResources as exc:
             if stages <= 1 or tracing(like):
