@@ -60,8 +60,9 @@ def _op_args(problem, dropout_p, seed_value=1234567891011):
 def test_extension_loads():
     """CI builds _C: it must load (a broken build would otherwise only show up as skipped tests)."""
     assert cpp.LOAD_ERROR is None, cpp.LOAD_ERROR
-    assert cpp._release(cpp._C.torch_version) == cpp._release(torch.__version__)
-    assert cpp._release("2.15.0a0+git1234") == (2, 15, 0)
+    module, reason = cpp.load_extension()
+    assert reason is None and cpp.torch_release(module.torch_version) == cpp.torch_release(torch.__version__)
+    assert cpp.torch_release("2.15.0a0+git1234") == (2, 15, 0)
 
 
 def _nvcc_present():
@@ -438,7 +439,7 @@ def test_missing_extension_reason(monkeypatch):
 
     monkeypatch.delattr(condlora_kernels, "_C", raising=False)
     monkeypatch.setitem(sys.modules, "condlora_kernels._C", None)  # the import of _C now fails
-    module, reason = cpp._load_extension()
+    module, reason = cpp.load_extension()
     assert module is None and "condlora_kernels._C is not built" in reason and "pip install" in reason
 
 
@@ -451,7 +452,7 @@ def test_extension_built_against_another_torch(monkeypatch):
     fake.torch_version = "0.0.1"
     monkeypatch.setitem(sys.modules, "condlora_kernels._C", fake)
     monkeypatch.setattr(condlora_kernels, "_C", fake, raising=False)
-    module, reason = cpp._load_extension()
+    module, reason = cpp.load_extension()
     assert module is None and "built against torch 0.0.1" in reason and torch.__version__ in reason
 
 

@@ -20,8 +20,6 @@ import copy
 import gc
 import importlib
 import importlib.util
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora_kernels import reference
+from condlora_kernels import reference, timing
 from condlora_kernels.bench import report
 from condlora_kernels.bench.kernels import Point, error_message
 from condlora_kernels.bench.providers import backend_unavailable_reason
@@ -267,22 +265,11 @@ class ModelSuite:
         return step
 
     def _median_step_ms(self, step) -> float:
-        for _ in range(self.settings.model_warmup_steps):
-            step()
-        times = []
-        for _ in range(self.settings.model_steps):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                start = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        steps = dict(warmup=self.settings.model_warmup_steps, reps=self.settings.model_steps,
+                     min_reps=self.settings.model_steps)
+        if self.device.type == "cuda":
+            return timing.cuda_median_ms(step, **steps)
+        return timing.host_median_ms(step, **steps)
 
     def _cleanup(self):
         gc.collect()

@@ -32,8 +32,9 @@ from condlora_kernels import reference
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .` against the installed torch"
 
 
-def _load_extension():
-    """(module, None) when _C loads and matches the running torch, else (None, the reason)."""
+def load_extension():
+    """(module, None) when _C loads and matches the running torch, else (None, the reason). Run once at
+    import (`LOAD_ERROR`); public so that a test or a diagnosis can run it again."""
     try:
         from condlora_kernels import _C  # registers the torch.ops.condlora_C ops
     except ModuleNotFoundError as exc:
@@ -42,19 +43,19 @@ def _load_extension():
         return None, (f"condlora_kernels._C failed to load ({exc}); it was probably built against another torch "
                       f"(or another CUDA/CPU build of it) than the running {torch.__version__}: {_REBUILD}")
     built_for = getattr(_C, "torch_version", "unknown")
-    if _release(built_for) != _release(torch.__version__):  # it loaded, but its ABI may not match: refuse it
+    if torch_release(built_for) != torch_release(torch.__version__):  # it loaded, but its ABI may not match: refuse it
         return None, (f"condlora_kernels._C was built against torch {built_for} but torch {torch.__version__} is "
                       f"running: {_REBUILD}")
     return _C, None
 
 
-def _release(version: str):
+def torch_release(version: str):
     """(major, minor, patch) of a torch version string such as "2.14.1+cu130" or "2.15.0a0+git1234"."""
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
     return tuple(int(part) for part in match.groups()) if match else version
 
 
-_C, LOAD_ERROR = _load_extension()
+_C, LOAD_ERROR = load_extension()
 WITH_CUDA: bool = bool(getattr(_C, "with_cuda", False))
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
