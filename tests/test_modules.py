@@ -66,7 +66,7 @@ def test_dropout_only_in_training():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_exact(dtype):
     lin = nn.Linear(10, 10).to(dtype)
-    layer = FusedCondLoRALinear.from_linear(lin, r=3, alpha=6, backend="reference")
+    layer = FusedCondLoRALinear.from_linear(lin, r=3, alpha=6, backend="reference").eval()
     nn.init.normal_(layer.generator.theta_b)
     x = torch.randn(5, 10, dtype=dtype)
     before = layer(x)
