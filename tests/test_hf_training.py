@@ -94,8 +94,10 @@ def _three_steps(model, accelerator=None):
 
 def test_accelerate_prepare_trains_as_plain_pytorch():
     accelerate = pytest.importorskip("accelerate")
+    # accelerate's state is a process-wide singleton: the Trainer runs above left theirs (bf16 autocast included)
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     expected = _three_steps(_model())
-    got = _three_steps(_model(), accelerate.Accelerator(cpu=True))
+    got = _three_steps(_model(), accelerate.Accelerator(cpu=True, mixed_precision="no"))
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
