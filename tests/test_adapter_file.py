@@ -205,6 +205,8 @@ def test_an_adapted_model_whose_config_disagrees_is_refused(saved, change, match
 
 def test_missing_adapter_is_refused(tmp_path):
     _refused(tmp_path, "no CondLoRA adapter", error=FileNotFoundError)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    _refused(tmp_path, "PEFT adapter: load it with peft", error=FileNotFoundError)
 
 
 def test_load_failing_half_way_is_undone(saved, monkeypatch):
@@ -219,7 +221,7 @@ def test_load_failing_half_way_is_undone(saved, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Format 1 (condlora_kernels 0.1.0), written by hand as that version wrote it
+# Format 1 (earlier condlora_kernels versions), written by hand as they wrote it
 # --------------------------------------------------------------------------------------------------
 
 
@@ -240,10 +242,12 @@ def _write_format_1(model, directory):
 def test_format_1_still_loads(tmp_path):
     model = _adapted()
     _write_format_1(model, tmp_path)
-    with pytest.warns(UserWarning, match=r"condlora_kernels 0.1.0 \(adapter format 1\), which has no checksum"):
+    with pytest.warns(UserWarning, match=r"earlier condlora_kernels \(adapter format 1\), which has no checksum"):
         torch.testing.assert_close(_outputs_after_load(tmp_path), model(token_ids()).logits, rtol=0, atol=0)
     with pytest.warns(UserWarning, match="format 1"):
         _refused(tmp_path, r"r=4 in the adapter, 8 in the model", model=_adapted(r=8))
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"format_version": 2}))
+    _refused(tmp_path, r"no format metadata \(written by an earlier.*adapter format 1\).*different saves")
     (tmp_path / CONFIG_NAME).unlink()
     _refused(tmp_path, r"adapter format 1.*condlora_config.json.*missing")
 

@@ -7,7 +7,7 @@ config and the tensors. It is written to a temporary file, fsynced and renamed o
 directory always holds one complete adapter. `condlora_config.json` beside it is a readable copy (with the same
 sha256), written after the commit: load uses the weights file's config and checks that the copy agrees.
 
-Format 1 (condlora_kernels 0.1.0): `condlora_config.json` (the arguments of apply_condlora and
+Format 1 (written by earlier versions of condlora_kernels): `condlora_config.json` (the arguments of apply_condlora and
 `generator_keys`) and `condlora_model.safetensors` without metadata, with keys `generators.<key>.theta_a|theta_b`
 and `base.<parameter name>`; no checksum. It still loads.
 """
@@ -219,7 +219,7 @@ def _check_readable_copy(json_path: str, config: dict, sha256: str) -> None:
 
 
 def _read_format_1(directory: str, json_path: str, tensors: dict) -> Adapter:
-    version_1 = "written by condlora_kernels 0.1.0 (adapter format 1)"
+    version_1 = "written by an earlier condlora_kernels (adapter format 1)"
     if not os.path.isfile(json_path):
         raise ValueError(f"{directory} holds {WEIGHTS_NAME} without format metadata, {version_1}, which needs "
                          f"{CONFIG_NAME} beside it, and that file is missing")

@@ -31,13 +31,13 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_alpha(alpha) -> float:
-    """alpha (scaling = alpha / r) must be a positive finite real number."""
+    """alpha (scaling = alpha / r) must be a positive finite real number; returned as a Python int or float."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a positive finite real number (scaling = alpha / r), got {alpha!r} "
                         f"of type {type(alpha).__name__}")
     if not (math.isfinite(float(alpha)) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite real number (scaling = alpha / r), got {alpha!r}")
-    return alpha
+    return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
 
 
 class FusedCondLoRALinear(nn.Module):
