@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from condlora_kernels import (CondLoRAGenerator, FusedCondLoRALinear, apply_condlora, condlora_generators,
-                              condlora_layers, load_condlora, save_condlora)
+                              load_condlora, save_condlora)
 from condlora_kernels.integrations import adapter_file
 from condlora_kernels.integrations.adapter_file import CONFIG_NAME, WEIGHTS_NAME
 from tests.model_fixtures import assert_unchanged, perturb_adapter, snapshot, tiny_bert, token_ids

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from condlora_kernels.integrations.model import (CONFIG_ATTR, GENERATORS_ATTR, _apply_calls, _commit_apply,
+from condlora_kernels.integrations.model import (GENERATORS_ATTR, _apply_calls, _commit_apply,
                                                  _plan_apply, _some, _Undo, condlora_layers, condlora_state_dict,
                                                  generator_parameter_names)
 

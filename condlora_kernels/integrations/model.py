@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional, Union
 
-import torch
 from torch import nn
 
 from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
@@ -145,10 +144,9 @@ def _apply_calls(model: nn.Module) -> list:
     return list(getattr(model, CONFIG_ATTR, {}).get("apply_condlora_calls", []))
 
 
-def _modules_to_save_names(model: nn.Module, calls: Optional[list] = None) -> list:
+def _modules_to_save_names(model: nn.Module) -> list:
     """Names of the modules selected by the modules_to_save of every apply_condlora call."""
-    entries = [entry for call in (_apply_calls(model) if calls is None else calls)
-               for entry in call["modules_to_save"]]
+    entries = [entry for call in _apply_calls(model) for entry in call["modules_to_save"]]
     return [name for name in _model_modules(model) if entries and match_target(name, entries) is not None]
 
 
@@ -224,83 +222,100 @@ def _plan_apply(model: nn.Module, target_modules, r, alpha, dropout, mode, modul
                          "store (an nn.ModuleDict); rename it first")
 
     modules = _model_modules(model)
-    names_of = {}  # id(module) -> [names]
+    existing_layers = [name for name, m in modules.items() if isinstance(m, FusedCondLoRALinear)]
+    matches, names_of = _match_targets(model, modules, targets, existing_layers)
+    plan = _ApplyPlan(call={"target_modules": targets, "r": r, "alpha": alpha, "dropout": dropout, "mode": mode,
+                            "modules_to_save": to_save, "backend": backend},
+                      first_call=not existing_layers and not _apply_calls(model))
+    target_names = [n for linear, _ in matches for n in names_of[id(linear)]]
+    plan.trainable = _modules_to_save_parameters(model, modules, to_save, target_names, existing_layers)
+    _plan_generators(plan, matches, names_of, mode, set(store.keys()) if store is not None else set())
+    return plan
+
+
+def _match_targets(model: nn.Module, modules: dict, targets, existing_layers: list) -> tuple:
+    """[(nn.Linear, target it matched)] once per module, and {id(module): [its names]}; raises when an entry
+    matches nothing, a target is already a CondLoRA layer, or a target would be ignored."""
+    names_of = {}
     for name, module in modules.items():
         names_of.setdefault(id(module), []).append(name)
     linears = {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
-    existing_layers = {name: m for name, m in modules.items() if isinstance(m, FusedCondLoRALinear)}
-
+    overlapping = [name for name in existing_layers if match_target(name, targets) is not None]
+    if overlapping:
+        raise ValueError(f"target_modules={targets!r} selects layers that already are CondLoRA layers "
+                         f"({_some(overlapping)}): a second apply_condlora call may only add new targets; "
+                         "to change r, alpha or mode, apply CondLoRA to the base model again")
     matched_entries, matches = set(), {}  # id(linear) -> (linear, target)
     for name, linear in linears.items():
         target = match_target(name, targets)
         if target is not None:
             matched_entries.add(target)
             matches.setdefault(id(linear), (linear, target))
-    overlapping = [name for name in existing_layers if match_target(name, targets) is not None]
-    if overlapping:
-        raise ValueError(f"target_modules={targets!r} selects layers that already are CondLoRA layers "
-                         f"({_some(overlapping)}): a second apply_condlora call may only add new targets; "
-                         "to change r, alpha or mode, apply CondLoRA to the base model again")
     if not matches:
         raise ValueError(f"target_modules={targets!r} matched no nn.Linear in the model; "
                          f"some of its linear layers: {list(linears)[:8]}")
-    if not isinstance(targets, str):
-        for entry in targets:
-            if entry not in matched_entries:
-                raise ValueError(f"target_modules entry {entry!r} matches no nn.Linear of the model (other entries "
-                                 f"do); close names: {_close_names(entry, linears) or 'none'}; "
-                                 f"some linear layers: {list(linears)[:4]}")
-
-    plan = _ApplyPlan(call={"target_modules": targets, "r": r, "alpha": alpha, "dropout": dropout, "mode": mode,
-                            "modules_to_save": to_save, "backend": backend},
-                      first_call=not existing_layers and not _apply_calls(model))
-    target_names = [n for linear, _ in matches.values() for n in names_of[id(linear)]]
-    for name in target_names:
-        parent = modules.get(name.rpartition(".")[0]) if "." in name else model
-        if isinstance(parent, nn.MultiheadAttention):
-            raise ValueError(f"{name} is the output projection of an nn.MultiheadAttention, which reads its weight "
-                             "directly and would ignore the adapter; leave it out of target_modules")
-
+    for entry in [] if isinstance(targets, str) else targets:
+        if entry not in matched_entries:
+            raise ValueError(f"target_modules entry {entry!r} matches no nn.Linear of the model (other entries "
+                             f"do); close names: {_close_names(entry, linears) or 'none'}; "
+                             f"some linear layers: {list(linears)[:4]}")
     earlier_saved = _modules_to_save_names(model)
-    for name in target_names:
-        inside = [m for m in earlier_saved if _contains(m, name)]
-        if inside:
-            raise ValueError(f"target layer {name} is inside {inside[0]}, a module that an earlier apply_condlora "
-                             "call keeps trainable (modules_to_save); its weight cannot also be frozen")
-    for entry in to_save:
+    for linear, _ in matches.values():
+        for name in names_of[id(linear)]:
+            parent = modules.get(name.rpartition(".")[0]) if "." in name else model
+            if isinstance(parent, nn.MultiheadAttention):
+                raise ValueError(f"{name} is the output projection of an nn.MultiheadAttention, which reads its "
+                                 "weight directly and would ignore the adapter; leave it out of target_modules")
+            inside = [m for m in earlier_saved if _contains(m, name)]
+            if inside:
+                raise ValueError(f"target layer {name} is inside {inside[0]}, a module that an earlier "
+                                 "apply_condlora call keeps trainable (modules_to_save); its weight cannot also be "
+                                 "frozen")
+    return list(matches.values()), names_of
+
+
+def _modules_to_save_parameters(model: nn.Module, modules: dict, entries: list, target_names: list,
+                                existing_layers: list) -> list:
+    """The parameters of the modules that `entries` select; each entry must select a module that contains no
+    CondLoRA layer (a layer's W0 must stay frozen)."""
+    params = []
+    for entry in entries:
         selected = [name for name in modules if match_target(name, [entry]) is not None]
         if not selected:
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model; close names: "
                              f"{_close_names(entry, modules) or 'none'}")
         for name in selected:
-            clash = [t for t in target_names + list(existing_layers) if _contains(name, t)]
+            clash = [t for t in target_names + existing_layers if _contains(name, t)]
             if clash:
                 raise ValueError(f"modules_to_save entry {entry!r} selects {name}, which contains the CondLoRA "
                                  f"layer {clash[0]} (whose weight must stay frozen); name the modules to train "
                                  "outside the target layers")
-            plan.trainable.extend(modules[name].parameters())
+            params.extend(modules[name].parameters())
+    return params
 
-    used_keys = set(store.keys()) if store is not None else set()
+
+def _plan_generators(plan: _ApplyPlan, matches: list, names_of: dict, mode: str, used_keys: set) -> None:
+    """One new generator per (target, in_features, out_features), and each layer's plan."""
     groups = {}  # (target, in, out) -> key
-    for linear, target in matches.values():
-        shape = (linear.in_features, linear.out_features)
+    for linear, target in matches:
+        shape, name = (linear.in_features, linear.out_features), names_of[id(linear)][0]
         layer_mode = resolve_mode(mode, *shape)
         if layer_mode == "paper" and shape[0] != shape[1]:
-            raise ValueError(f"mode='paper' needs square layers, but {names_of[id(linear)][0]} is "
-                             f"{shape[1]}x{shape[0]} (out x in); use mode='auto' or 'general'")
+            raise ValueError(f"mode='paper' needs square layers, but {name} is {shape[1]}x{shape[0]} (out x in); "
+                             "use mode='auto' or 'general'")
         if (target, *shape) not in groups:
             key = _generator_key(target, shape, used_keys)
             used_keys.add(key)
             groups[(target, *shape)] = key
-            plan.generators[key] = CondLoRAGenerator(*shape, r=r, mode=layer_mode, device=linear.weight.device,
+            plan.generators[key] = CondLoRAGenerator(*shape, r=plan.call["r"], mode=layer_mode,
+                                                     device=linear.weight.device,
                                                      dtype=adapter_dtype(linear.weight.dtype))
         key = groups[(target, *shape)]
-        if linear.weight.device != plan.generators[key].theta_a.device:
-            raise ValueError(f"the layers of target {target!r} are on {plan.generators[key].theta_a.device} and "
-                             f"{linear.weight.device} ({names_of[id(linear)][0]}); the generator they share needs "
-                             "them on one device")
+        device = plan.generators[key].theta_a.device
+        if linear.weight.device != device:
+            raise ValueError(f"the layers of target {target!r} are on {device} and {linear.weight.device} ({name}); "
+                             "the generator they share needs them on one device")
         plan.layers.append(_LayerPlan(names_of[id(linear)], linear, key, layer_mode))
-    return plan
 
 
 def _generator_key(target: str, shape: tuple, used_keys: set) -> str:
