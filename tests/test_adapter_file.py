@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from condlora_kernels import (CondLoRAGenerator, FusedCondLoRALinear, apply_condlora, condlora_generators,
-                              load_condlora, save_condlora)
+                              load_condlora, merge_adapters_in_place, save_condlora)
 from condlora_kernels.integrations import adapter_file
 from condlora_kernels.integrations.adapter_file import CONFIG_NAME, WEIGHTS_NAME
 from tests.model_fixtures import assert_unchanged, perturb_adapter, snapshot, tiny_bert, token_ids
@@ -189,6 +189,10 @@ def test_base_model_mismatches_are_refused(saved):
     _refused(directory, r"in_features=32 in the adapter, 64 in the model", model=tiny_bert(hidden=64).eval())
     _refused(directory, r"layers in the adapter but not in the model: bert.encoder.layer.1",
              model=tiny_bert(layers=1).eval())
+    three_labels = tiny_bert().eval()
+    three_labels.classifier = nn.Linear(32, 3)
+    _refused(directory, r"classifier.weight: shape \(2, 32\) in the adapter, \(3, 32\) in the model",
+             model=three_labels)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -201,6 +205,13 @@ def test_base_model_mismatches_are_refused(saved):
 def test_an_adapted_model_whose_config_disagrees_is_refused(saved, change, match):
     _, directory, _ = saved
     _refused(directory, match, model=_adapted(**change))
+
+
+def test_loading_into_merged_layers_is_refused(saved):
+    _, directory, _ = saved
+    model = _adapted()
+    merge_adapters_in_place(model)
+    _refused(directory, "merged.*unmerge_adapters", model=model)
 
 
 def test_missing_adapter_is_refused(tmp_path):

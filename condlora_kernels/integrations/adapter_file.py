@@ -291,6 +291,10 @@ def _call_fields(calls: list) -> dict:
 
 def _check_fits(model: nn.Module, adapter: Adapter, directory: str, tensors: dict) -> dict:
     """Check the adapted model against the adapter; return {parameter: tensor converted to its dtype/device}."""
+    merged = [name for name, layer in condlora_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(f"layers {_some(merged)} are merged (their weight holds W0 + s*B*A computed from the current "
+                         "generators): call unmerge_adapters(model) before load_condlora")
     problems = []
     if adapter.config["layers"] is not None:
         problems += _differences(adapter.config["layers"], _layer_descriptions(model), "layers")
