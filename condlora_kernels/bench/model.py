@@ -32,7 +32,7 @@ from condlora_kernels.bench import report
 from condlora_kernels.bench.kernels import Point, error_message
 from condlora_kernels.bench.providers import backend_unavailable_reason
 from condlora_kernels.bench.shapes import ModelCase, Settings
-from condlora_kernels.integrations.model import _matched_target, _set_submodule, apply_condlora
+from condlora_kernels.integrations.model import apply_condlora, match_target, set_submodule
 
 MODEL_PROVIDERS = ("frozen", "peft_lora", "paper_code_condlora", "condlora[triton]", "condlora[cuda]",
                    "condlora[cpu]", "condlora[reference]")
@@ -81,7 +81,7 @@ def swap_paper_code(model: nn.Module, targets, r: int, alpha: float, dropout: fl
         p.requires_grad_(False)
     generators = {}
     for name, module in list(model.named_modules()):
-        target = _matched_target(name, list(targets)) if isinstance(module, nn.Linear) else None
+        target = match_target(name, list(targets)) if isinstance(module, nn.Linear) else None
         if target is None:
             continue
         d_out, d_in = module.weight.shape
@@ -93,11 +93,11 @@ def swap_paper_code(model: nn.Module, targets, r: int, alpha: float, dropout: fl
             gen_b = nn.Linear(d_in, r, bias=False, device=module.weight.device)
             nn.init.zeros_(gen_b.weight)
             generators[key] = (gen_a, gen_b)
-        _set_submodule(model, name, PaperCodeCondLoRALinear(module, *generators[key], alpha / r, dropout))
+        set_submodule(model, name, PaperCodeCondLoRALinear(module, *generators[key], alpha / r, dropout))
     if not generators:
         raise ValueError(f"targets {list(targets)} matched no nn.Linear")
     for name, module in model.named_modules():
-        if modules_to_save and _matched_target(name, list(modules_to_save)) is not None:
+        if modules_to_save and match_target(name, list(modules_to_save)) is not None:
             for p in module.parameters():
                 p.requires_grad_(True)
     return model
@@ -150,7 +150,7 @@ def attach(provider: str, model: nn.Module, case: ModelCase, dropout: float) -> 
         for p in model.parameters():
             p.requires_grad_(False)
         for name, module in model.named_modules():
-            if head and _matched_target(name, head) is not None:
+            if head and match_target(name, head) is not None:
                 for p in module.parameters():
                     p.requires_grad_(True)
         # make the backward run through every layer, as it does with adapters (hook: output -> leaf with grad)
