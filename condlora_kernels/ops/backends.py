@@ -16,7 +16,7 @@ The one autograd Function in `condlora_linear.py` drives all of them, so the cha
     cuda       C++/CUDA extension `condlora_kernels._C` (csrc/), CUDA tensors
     cpu        C++ extension `condlora_kernels._C` (csrc/), CPU tensors
 
-`auto` takes triton, then cuda, on CUDA tensors and cpu on CPU tensors; where none of them can run it
+`auto` takes cuda (the extension's op), then triton, on CUDA tensors and cpu on CPU tensors; where none of them can run it
 uses the reference and warns once, saying why. `CONDLORA_BACKEND=<name>` overrides `auto`.
 """
 
@@ -154,7 +154,10 @@ def select_backend(requested: str, x: torch.Tensor) -> Backend:
             raise BackendUnavailableError(f"backend={requested!r} cannot run here: {reason}")
         return backend
 
-    candidates = ("triton", "cuda") if x.device.type == "cuda" else ("cpu",)
+    # On CUDA the extension's op first: on the H200 it was as fast as the Triton kernels or faster at every
+    # benchmarked shape of a training step (8192 x 768^2 r=8, Llama-7B-like projections, r=64) within the
+    # run-to-run spread, and its host cost per call is the lowest (benchmarks/NOTES.md, docs/design.md §4).
+    candidates = ("cuda", "triton") if x.device.type == "cuda" else ("cpu",)
     reasons = []
     for name in candidates:
         reason = BACKENDS[name].unavailable_reason(x)

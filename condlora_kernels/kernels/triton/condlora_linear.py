@@ -2,8 +2,8 @@
 
 Read top to bottom: the jit helpers (dropout mask, dependency flags, tile schedule), the forward kernel
 and its launcher `condlora_forward_launch`, the backward kernel and its launcher
-`condlora_backward_launch`, the torch.library registration (`triton_op` + `wrap_triton`, so
-torch.compile traces them), and `TritonBackend`, which the autograd Function in ops/condlora_linear.py
+`condlora_backward_launch`, the torch.library registration (opaque custom ops that compiled graphs
+call with real tensors), and `TritonBackend`, which the autograd Function in ops/condlora_linear.py
 calls. How a launch is configured (tiles, programs, helpers, slots, autotuning) is in config.py and
 autotune.py, what it needs at run time (flags, descriptors, the launch) in runtime.py.
 
@@ -989,17 +989,26 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
 
 
 # ==================================================================================================
-# torch.library registration: opaque to autograd (the Function in ops/ drives them), traced by
-# torch.compile through wrap_triton
+# torch.library registration: opaque to autograd (the Function in ops/ drives them) and to torch.compile,
+# whose graphs call them with real tensors: the same launch as in eager mode (TMA main loops, the tuned
+# configuration), so compiling never makes these kernels slower (docs/design.md §5)
 # ==================================================================================================
 
 
-@torch.library.triton_op("condlora_triton::forward", mutates_args=())
+@torch.library.custom_op("condlora_triton::forward", mutates_args=())
 def forward_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], theta_a: torch.Tensor,
                theta_b: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
                paper_mode: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, u, lora_a, lora_b) of the CondLoRA forward, in one launch."""
     return condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, paper_mode)
+
+
+@forward_op.register_fake
+def _forward_fake(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, paper_mode):
+    n_rows, d_in = x2d.shape
+    d_out, rank = weight.shape[0], theta_b.shape[0]
+    return (x2d.new_empty(n_rows, d_out), x2d.new_empty(n_rows, rank), x2d.new_empty(rank, d_in),
+            x2d.new_empty(d_out, rank))
 
 
 def _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode, need_dx,
@@ -1009,7 +1018,7 @@ def _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropou
                                     config=config)
 
 
-@torch.library.triton_op("condlora_triton::backward", mutates_args=())
+@torch.library.custom_op("condlora_triton::backward", mutates_args=())
 def backward_op(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, u: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
                 paper_mode: bool, need_dx: bool, need_dtheta: bool,
@@ -1017,6 +1026,20 @@ def backward_op(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, l
     """(dx, dtheta_a, dtheta_b, dbias) of the CondLoRA backward, in one launch (empty where not needed)."""
     return _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode,
                                 need_dx, need_dtheta, need_dbias)
+
+
+@backward_op.register_fake
+def _backward_fake(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode, need_dx,
+                   need_dtheta, need_dbias):
+    n_rows, d_in = x2d.shape
+    d_out, rank = lora_b.shape
+
+    def output(shape, needed):
+        return x2d.new_empty(shape if needed else (0,))
+
+    theta_a_shape = reference.theta_a_shape(rank, d_out, d_in, "paper" if paper_mode else "general")
+    return (output((n_rows, d_in), need_dx), output(theta_a_shape, need_dtheta), output((rank, d_in), need_dtheta),
+            output((d_out,), need_dbias))
 
 
 # ==================================================================================================
