@@ -285,16 +285,7 @@ std::tuple<at::Tensor, at::Tensor> forward_core(const DeviceKernels& kernels, co
   return {y, u};
 }
 
-// The backward of docs/design.md §2, with x_hat = x * M / (1 - p), u = x_hat A^T:
-//
-//   v        = dy B                                  (N, r)
-//   dx       = dy W0 + s * (v A) * M / (1 - p)        (N, d_in)
-//   dA       = s * v^T x_hat                          (r, d_in)    reduction over tokens (fp32)
-//   dB^T     = s * u^T dy                             (r, d_out)   reduction over tokens (fp32)
-//   db       = sum over rows of dy                    (d_out,)     reduction over tokens (fp32)
-//   dtheta_a = dA W0   (paper)   |   dA W0^T  (general)
-//   dtheta_b = dB^T W0
-//
+// The backward of docs/design.md §2 (v, dx, dA, dB^T, db, dtheta; the reductions over tokens in fp32).
 // Passes over the N-sized tensors: dy is read by the v GEMM, the dx GEMM and one pass for dB^T and db; x is read
 // once, by the pass that yields dA and adds the low-rank term to dx (drawing the mask once per element). Without
 // dropout and with N >= d, dx = dy (W0 + s B A) instead: one GEMM, no pass adding a low-rank term. Without dropout,

@@ -2,21 +2,13 @@
 
     y = x W0^T + b + s * (dropout(x) A^T) B^T,   A, B generated from W0 by theta_a, theta_b
 
-The Function is written once for every backend (reference, triton, cuda, cpu: see backends.py).
-Its backward is hand-written; the chain rule (DESIGN.md §2), with x_hat = x * M / (1 - p), u = x_hat A^T:
-
-    v        = dy B                                  (N, r)
-    dx       = dy W0 + s * (v A) * M / (1 - p)        (N, d_in)
-    dA       = s * v^T x_hat                          (r, d_in)
-    dB       = s * dy^T u                             (d_out, r)
-    dtheta_b = dB^T W0                                (r, d_in)      B = W0 theta_b^T
-    dtheta_a = dA W0      (paper, A = theta_a W0^T)   (r, d)
-             | dA W0^T    (general, A = theta_a W0)   (r, d_out)
-    db       = sum_rows dy                            (d_out,)
-    dW0      = never (W0 is frozen)
-
-The dropout mask M is not stored: it is a function of a seed drawn from torch's RNG on x's device
-(so `torch.manual_seed` reproduces it) and the element's index, regenerated in the backward.
+Two routes, one contract (docs/design.md §4):
+  - the cpu and cuda backends run the whole layer as the extension's op `condlora_C::linear` (checks, autocast,
+    dropout seed and autograd in C++: one call from Python per forward, none per backward);
+  - the triton and reference backends go through `CondLoRALinearFunction` below, one autograd Function for both,
+    whose backward is each backend's hand-written implementation of the chain rule of docs/design.md §2.
+The dropout mask is not stored: it is a function of a seed drawn from torch's RNG on x's device (so
+`torch.manual_seed` reproduces it) and of the element's index, regenerated in the backward (docs/design.md §3).
 """
 
 from __future__ import annotations

@@ -28,9 +28,7 @@ the U tiles of group g + 1 are listed before the Y tiles of group g, so they run
 rank-r work thus happens once per row block (U) and once per weight row block (GEN), not once per
 output tile.
 
-Backward, chain rule (docs/design.md §2):  v = dy B;  dx = dy W0 + s (v A) * M/(1-p);  dA = s v^T x_hat;
-dB = s dy^T u;  dtheta_b = dB^T W0;  dtheta_a = dA W0 (paper) | dA W0^T (general);  db = sum_rows dy.
-Roles instead of one list: a few *helper* programs do the rank-r work row block by row block, the
+Backward: the chain rule of docs/design.md §2 (v, dx, dA, dB, dtheta, db). Roles instead of one list: a few *helper* programs do the rank-r work row block by row block, the
 other *worker* programs run the input-gradient GEMM in a flattened loop, then all share the tail.
     helper, row block m   one pass over dy[m]: v[m] = dy[m] B (stored as s v[m] and published at once),
                           the partial sums s dy[m]^T u[m] (of dB) and sum_rows dy[m] (of db); then one
