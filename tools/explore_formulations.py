@@ -11,10 +11,11 @@ implementation would launch), timed
 Formulations:
   frozen        F.linear under autocast (the floor)
   peft          PEFT LoRA layer (fp32 adapters, autocast)
-  cuda, triton  this package's backends through condlora_linear
+  cuda, triton  this package's backends through condlora_linear (cuda: the extension's op condlora_C::linear)
   fold          y = x (W0 + s B A)^T + b: one GEMM; dx = dy (W0 + s B A); dtheta from skinny GEMMs (u, v, dA, dB)
   fold_wgrad    as fold, dtheta from the weight gradient G = dy^T x (one GEMM), dA = s B^T G, dB = s G A^T
   lowrank       y = x W0^T + b + s (x A^T) B^T with cuBLAS calls, hand-written backward (low-rank term first)
+(fold, fold_wgrad and lowrank are Python prototypes of formulations; benchmarks/NOTES.md has what they measured.)
 """
 
 from __future__ import annotations
@@ -136,10 +137,6 @@ def make(name, n, d_in, d_out, r, device):
         wrt = [x, ta, tb]
     elif name == "lowrank":
         f, wrt = (lambda: LowRank.apply(x, w, b, ta, tb, s, paper)), [x, ta, tb]
-    elif name.startswith("op_"):  # the extension's whole-layer op with one plan
-        plan = name[3:]
-        op = torch.ops.condlora_C.linear.default
-        f, wrt = (lambda: op(x, w, b, ta, tb, s, 0.0, mode, plan)), [x, ta, tb]
     else:
         raise ValueError(name)
 
@@ -195,7 +192,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=["8192,768,768,8", "8192,4096,4096,16", "8192,4096,11008,16"])
     parser.add_argument("--names", nargs="+",
-                        default=["frozen", "peft", "cuda", "triton", "op_lowrank", "op_fold", "op_fold_wgrad"])
+                        default=["frozen", "peft", "cuda", "triton"])
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
