@@ -287,3 +287,16 @@ def test_lr_sweep_tool_parallel_workers_write_the_tables(model_dir, two_class_cs
     table = (out / "lr_sweep.md").read_text()
     assert "| condlora[reference] | " in table and "Reference against fused backend at lr 0.01" in table
     assert "Best: LoRA " in table
+
+
+def test_lr_sweep_time_limit_keeps_what_finished(model_dir, two_class_csv, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    import lr_sweep
+
+    out = tmp_path / "sweep"
+    assert lr_sweep.main(["--model", model_dir, "--data", two_class_csv, "--device", "cpu", "--max-length", "8",
+                          "--batch-size", "4", "--lora-lrs", "1e-3", "--condlora-lrs", "1e-3", "--reference-lrs",
+                          "--seeds", "0", "--time-limit", "1e-9", "--output", str(out)]) == 0
+    record = json.loads((out / "lr_sweep.json").read_text())
+    assert record["points"] == [] and not record["complete"] and record["settings"]["grid_points"] == 2
+    assert "| method | adapter params | lr |" in (out / "lr_sweep.md").read_text()

