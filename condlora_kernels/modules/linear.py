@@ -11,6 +11,7 @@ from torch import nn
 
 from condlora_kernels import reference
 from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
+from condlora_kernels.integrations import distributed  # imported with the package: it records DDP instances
 from condlora_kernels.modules.generator import CondLoRAGenerator
 from condlora_kernels.ops.backends import check_backend_name
 from condlora_kernels.ops.condlora_linear import condlora_linear
@@ -93,6 +94,9 @@ class FusedCondLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        # recomputed inside a backward (activation checkpointing): refuse reentrant recomputation under DDP (§8)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            distributed.check_recomputation(self)
         dtype = self.weight.dtype
         return condlora_linear(x, self.weight, self.bias, self.generator.theta_a.to(dtype),
                                self.generator.theta_b.to(dtype), self.scaling,
