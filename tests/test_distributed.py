@@ -189,7 +189,8 @@ def _worker(rank, output_dir):
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     # the environment torchrun would set (accelerate and the Trainer read it); the group meets in a file, no port
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+                      LOCAL_WORLD_SIZE=str(WORLD_SIZE))
     torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(output_dir, "store"), rank=rank,
                                          world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
     results = {name: _run_config(name, rank, output_dir) for name in CONFIGS}
@@ -256,6 +257,25 @@ def test_refused_before_the_first_step(runs, name):
         assert "use_reentrant=False" in result["error"] and "static_graph=True" in result["error"]
         assert "'query'" in result["error"] or "'value'" in result["error"]  # names the generator
         assert result["params"] == initial["params"], "an optimizer step ran before the error"
+
+
+@pytest.mark.parametrize("hooks_readable", [True, False], ids=["saved-tensors-hooks", "frames"])
+def test_reentrant_recomputation_told_apart(hooks_readable, monkeypatch):
+    """What the guard sees inside a recomputation: torch's non-reentrant checkpoint or not, through the
+    saved-tensors hooks stack (torch >= 2.8) and through the frames (older torch)."""
+    if not hooks_readable:
+        monkeypatch.setattr(distributed, "_top_saved_tensors_hooks", None)
+    seen = {}
+
+    def block(x, use_reentrant):
+        if torch._C._current_graph_task_id() != -1:  # the recomputation
+            seen[use_reentrant] = distributed._non_reentrant_recomputation()
+        return x.sin()
+
+    for use_reentrant in (True, False):
+        x = torch.randn(3, requires_grad=True)
+        torch.utils.checkpoint.checkpoint(block, x, use_reentrant, use_reentrant=use_reentrant).sum().backward()
+    assert seen == {True: False, False: True}
 
 
 def test_reentrant_checkpointing_without_ddp_is_exact():
