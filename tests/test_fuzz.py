@@ -7,7 +7,8 @@ which inputs need gradients and the mode, then runs the autograd Function on one
 dtheta_a, dtheta_b and db with an independent implementation written here: the forward formulas of
 docs/design.md §1-2 as plain matmuls, differentiated by torch.autograd, with the dropout mask from a Philox4x32-10
 written here in numpy (§3). Accuracy rule of condlora_kernels.testing: the error against the float64 result at most
-twice the error of the same computation in the example's dtype, plus the floor.
+twice the error of the same computation in the example's dtype, plus the floor; the floor is scaled by the output's
+condition number where it is the whole allowance (float64, outputs of few rounded sums: see `check`).
 
 CI runs a fixed set of examples (derandomize=True, no example database): the same ones every run. A failure
 prints the falsifying Case; rerun with the printed `@reproduce_failure` blob or raise EXAMPLES for a longer hunt.
