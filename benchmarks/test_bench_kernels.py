@@ -1,7 +1,7 @@
 """Kernel level: one linear layer, every provider against the frozen F.linear, forward / backward / both.
 
 Providers and baselines: condlora_kernels.bench.providers (baselines imported from condlora_kernels.reference).
-CPU: tiny shapes, fp32. GPU (marked `gpu`): DESIGN.md §3's shapes in bf16, CUDA-graph repeats on the small ones.
+CPU: tiny shapes, fp32. GPU (marked `gpu`): docs/design.md §7's shapes in bf16, CUDA-graph repeats on the small ones.
 """
 
 import pytest

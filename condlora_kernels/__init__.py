@@ -6,12 +6,14 @@ linear maps per module type, shared by all layers:  A = theta_a W0^T (or theta_a
     condlora_linear(x, weight, bias, theta_a, theta_b, scaling, *, dropout_p=0.0, mode="paper", backend="auto")
     FusedCondLoRALinear.from_linear(linear, r=8, alpha=8, ...)        drop-in for nn.Linear
     apply_condlora(model, ["query", "value"], r=8, alpha=8)          any nn.Module / transformers model
+    save_condlora / load_condlora, merge_condlora, export_peft_adapter
 """
 
 from condlora_kernels import reference
 from condlora_kernels.integrations import (apply_condlora, condlora_generators, condlora_layers, condlora_state_dict,
-                                           load_condlora, merge_and_unload, merge_condlora, save_condlora,
-                                           unmerge_condlora)
+                                           export_peft_adapter, load_condlora, merge_adapters_in_place,
+                                           merge_and_unload, merge_condlora, print_trainable_parameters,
+                                           save_condlora, unmerge_adapters)
 from condlora_kernels.modules import CondLoRAGenerator, FusedCondLoRALinear
 from condlora_kernels.ops import (BackendUnavailableError, CondLoRAFallbackWarning, available_backends,
                                   condlora_linear)
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError", "CondLoRAFallbackWarning", "CondLoRAGenerator", "FusedCondLoRALinear",
     "apply_condlora", "available_backends", "condlora_generators", "condlora_layers", "condlora_linear",
-    "condlora_state_dict", "load_condlora", "merge_and_unload", "merge_condlora", "reference", "save_condlora",
-    "unmerge_condlora", "__version__",
+    "condlora_state_dict", "export_peft_adapter", "load_condlora", "merge_adapters_in_place", "merge_and_unload",
+    "merge_condlora", "print_trainable_parameters", "reference", "save_condlora", "unmerge_adapters",
+    "__version__",
 ]

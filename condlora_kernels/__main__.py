@@ -2,6 +2,7 @@
 
     condlora [check]      self-check: every backend that can run here against the float64 reference
     condlora bench ...    benchmarks (see `condlora bench --help`)
+    condlora finetune ... PEFT LoRA and CondLoRA side by side on a real model and data (`condlora finetune --help`)
 """
 
 from __future__ import annotations
@@ -71,11 +72,17 @@ def main(argv=None) -> int:
         from condlora_kernels.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["finetune"]:
+        from condlora_kernels.finetune.cli import main as finetune_main
+
+        return finetune_main(argv[1:])
     parser = argparse.ArgumentParser(prog="condlora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("check", help="check every available backend against the reference (default)")
     sub.add_parser("bench", help="run the kernel and model benchmarks (`condlora bench --help`)")
+    sub.add_parser("finetune", help="fine-tune a real model with PEFT LoRA and CondLoRA side by side "
+                                    "(`condlora finetune --help`)")
     parser.parse_args(argv)
     return self_check()
 

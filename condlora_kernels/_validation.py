@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-from condlora_kernels.reference import MODES, theta_a_shape
+from condlora_kernels.reference import MASK_BITS, MODES, dropout_threshold, theta_a_shape
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,6 +41,9 @@ def check_dropout_p(dropout_p) -> float:
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_threshold(float(dropout_p)) >= 1 << MASK_BITS:
+        raise ValueError(f"dropout_p={dropout_p} rounds to 1 in the 16-bit dropout mask (p * 2^16 >= 65535.5): "
+                         "every element would be dropped")
     return float(dropout_p)
 
 
@@ -52,26 +55,49 @@ def check_rank(r) -> int:
     return int(r)
 
 
-def check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode) -> Problem:
-    """Validate the arguments of `condlora_linear`; return the problem sizes."""
-    named = {"x": x, "weight": weight, "theta_a": theta_a, "theta_b": theta_b}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
-    check_mode(mode)
-    dropout_p = check_dropout_p(dropout_p)
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with .to_dense()")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_scaling(scaling) -> float:
+    """scaling = alpha / r: a finite real within float32's range (the kernels multiply in float32)."""
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(float(scaling)):
         raise TypeError(f"scaling must be a finite float (alpha / r), got {scaling!r}")
+    if abs(float(scaling)) > FLOAT32_MAX:
+        raise ValueError(f"scaling must fit in float32 (the kernels multiply in float32), got {scaling!r}")
+    return float(scaling)
 
+
+def check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode) -> Problem:
+    """Validate the arguments of `condlora_linear`; return the problem sizes.
+
+    x: (..., d_in), any floating dtype. weight and bias: x's dtype, or float32 masters of a half-precision x (they
+    are rounded to x's dtype, as autocast would). theta_a and theta_b: any floating dtype (cast to the compute
+    dtype; their gradients come back in their own dtype). All on x's device.
+    """
+    _check_tensor("x", x)
+    half_x = x.dtype in (torch.float16, torch.bfloat16)
+    named = {"weight": weight, "bias": bias, "theta_a": theta_a, "theta_b": theta_b}
     for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}: all tensors must share one dtype")
+        if t is None and name == "bias":
+            continue
+        _check_tensor(name, t)
+        if name in ("weight", "bias") and t.dtype != x.dtype and not (half_x and t.dtype == torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}: {name} must share x's dtype "
+                            "(or be a float32 master of a half-precision x)")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
+    check_mode(mode)
+    check_dropout_p(dropout_p)
+    check_scaling(scaling)
 
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (d_out, d_in), got {_describe(weight)}")
@@ -103,12 +129,3 @@ def check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, m
                          "call weight.requires_grad_(False)")
     n_rows = x.numel() // d_in
     return Problem(n_rows, d_in, d_out, r)
-
-
-def check_seed(seed: Optional[torch.Tensor], device: torch.device) -> None:
-    if seed is None:
-        return
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise TypeError(f"seed must be an int64 tensor with one element, got {seed!r}")
-    if seed.device != device:
-        raise ValueError(f"seed is on {seed.device} but x is on {device}")

@@ -1,6 +1,6 @@
 """Reference math for CondLoRA, in plain PyTorch, written to be read.
 
-Every fast path in this package is checked against these functions. Notation (DESIGN.md §1-2):
+Every fast path in this package is checked against these functions. Notation (docs/design.md §1-§3):
 
     W0  (d_out, d_in)  frozen weight          theta_a, theta_b  shared generators, one pair per module type
     A   (r, d_in)      generated lora_a       B                 (d_out, r) generated lora_b
@@ -198,15 +198,7 @@ class BackwardOutputs(NamedTuple):
 def condlora_backward(grad_y, x2d, weight, theta_a, theta_b, u, lora_a, lora_b, scaling,
                       dropout_p=0.0, seed=None, mode="paper", needs=(True, True, True, True),
                       upcast: Optional[torch.dtype] = None):
-    """The hand-derived backward (DESIGN.md §2), term by term.
-
-        v        = dy B                                    (N, r)
-        dx       = dy W0 + s * (v A) * M / (1 - p)
-        dA       = s * v^T x_hat                           (r, d_in)
-        dB       = s * dy^T u                              (d_out, r)
-        dtheta_b = dB^T W0                                 (B = W0 theta_b^T)
-        dtheta_a = dA W0   (paper: A = theta_a W0^T)   |   dA W0^T   (general: A = theta_a W0)
-        db       = sum over rows of dy
+    """The hand-derived backward of docs/design.md §2, term by term, in the order written there.
 
     `needs` says which of (dx, dtheta_a, dtheta_b, db) to compute; the others come back as None.
     `upcast` computes in that dtype, for accuracy checks.
@@ -230,7 +222,7 @@ def condlora_backward(grad_y, x2d, weight, theta_a, theta_b, u, lora_a, lora_b, 
 
 
 # --------------------------------------------------------------------------------------------------
-# The paper's code, as it computes (DESIGN.md §1), kept as a baseline for tests and benchmarks
+# The paper's code, as it computes (docs/design.md §1), kept as a baseline for tests and benchmarks
 # --------------------------------------------------------------------------------------------------
 
 

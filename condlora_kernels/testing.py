@@ -120,17 +120,19 @@ def make_problem(n_rows: int, d_in: int, d_out: int, r: int, *, mode: str = "gen
     )
 
 
-def backend_vs_reference(backend: str, problem: Problem, dropout_p: float = 0.0,
+def backend_vs_reference(backend, problem: Problem, dropout_p: float = 0.0,
                          needs=(True, True, True, True)) -> list[tuple[bool, str]]:
     """Run one backend's forward and backward ops on `problem` and check every output.
 
+    `backend` is a name of ops.backends.BACKENDS, or an object with a backend's `forward` and
+    `backward` (e.g. TritonBackend.with_config(...): the Triton kernels with fixed launch configurations).
     Checks y, u, A, B and dx, dtheta_a, dtheta_b, db against the float64 reference, each with the
     same-dtype reference as the baseline. Returns a list of (passed, message).
     """
     p = problem
     x2d = p.x.reshape(-1, p.x.shape[-1])
     seed = torch.tensor([1234567891011], dtype=torch.int64, device=p.x.device) if dropout_p > 0 else None
-    impl = BACKENDS[backend]
+    impl = BACKENDS[backend] if isinstance(backend, str) else backend
     args = (x2d, p.weight, p.bias, p.theta_a, p.theta_b, p.scaling, dropout_p, seed, p.mode)
     out = impl.forward(*args)
     base = reference.condlora_forward(*args)

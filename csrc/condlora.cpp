@@ -2,6 +2,7 @@
 // every device on top of ATen GEMMs. The device-specific kernels come in through DeviceKernels (condlora.h):
 // cpu_kernels.cpp registers the CPU implementations, cuda/cuda_ops.cpp the CUDA ones.
 #include "condlora.h"
+#include "philox.h"
 
 #include <ATen/core/enum_tag.h>
 #include <torch/library.h>
@@ -55,6 +56,18 @@ std::string py_float(double value) {
 }
 
 namespace {
+
+std::string py_layout(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    default: return "a non-strided layout";
+  }
+}
 
 std::string describe(const at::Tensor& t) {
   return "shape " + py_tuple(t.sizes()) + ", dtype " + py_dtype(t.scalar_type()) + ", device " + t.device().str();
@@ -125,6 +138,21 @@ void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const a
   TORCH_CHECK_VALUE(seed->device() == device, "seed is on ", seed->device().str(), " but x is on ", device.str());
 }
 
+void check_layout_and_dtype(const char* name, const at::Tensor& t) {
+  check_float_dtype(name, t);
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, " must be a dense (strided) tensor, got layout ",
+                   py_layout(t.layout()), "; convert it with .to_dense()");
+}
+
+void check_scaling_and_dropout(double scaling, double dropout_p) {
+  TORCH_CHECK_TYPE(std::isfinite(scaling), "scaling must be a finite float (alpha / r), got ", py_float(scaling));
+  TORCH_CHECK_VALUE(std::fabs(scaling) <= 3.4028234663852886e38,
+                    "scaling must fit in float32 (the kernels multiply in float32), got ", py_float(scaling));
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
+  TORCH_CHECK_VALUE(make_dropout_params(dropout_p).threshold < 65536u, "dropout_p=", py_float(dropout_p),
+                    " rounds to 1 in the 16-bit dropout mask (p * 2^16 >= 65535.5): every element would be dropped");
+}
+
 void check_mask_args(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
   TORCH_CHECK_VALUE(n_rows >= 0 && n_cols >= 0, "n_rows and n_cols must be >= 0, got ", std::to_string(n_rows), " and ",
@@ -135,10 +163,9 @@ void check_mask_args(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, dou
 Sizes check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
                          const std::optional<at::Tensor>& seed, const std::string& mode_name) {
-  check_float_dtype("x", x);
+  check_layout_and_dtype("x", x);
   const Mode mode = parse_mode(mode_name);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
-  TORCH_CHECK_TYPE(std::isfinite(scaling), "scaling must be a finite float (alpha / r), got ", py_float(scaling));
+  check_scaling_and_dropout(scaling, dropout_p);
   check_same_dtype_and_device("weight", weight, x);
   check_same_dtype_and_device("theta_a", theta_a, x);
   check_same_dtype_and_device("theta_b", theta_b, x);
@@ -178,19 +205,30 @@ Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const a
 // Generation, forward and backward: the chain rule, written once for every device
 // ---------------------------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> generate_lora_weights(const at::Tensor& weight, const at::Tensor& theta_a,
-                                                         const at::Tensor& theta_b, const std::string& mode_name) {
-  check_float_dtype("weight", weight);
-  check_same_dtype_and_device("theta_a", theta_a, weight, "weight");
-  check_same_dtype_and_device("theta_b", theta_b, weight, "weight");
-  const Mode mode = parse_mode(mode_name);
-  const int64_t r = check_weight_and_generators(weight, theta_a, theta_b, mode, mode_name);
+namespace {
+
+// (A, B) from checked arguments of one dtype (docs/design.md §1).
+std::tuple<at::Tensor, at::Tensor> generate_checked(const at::Tensor& weight, const at::Tensor& theta_a,
+                                                    const at::Tensor& theta_b, Mode mode) {
+  const int64_t r = theta_a.size(0);
   if (mode == Mode::kPaper) {
     // A = theta_a W0^T and B^T = theta_b W0^T both multiply W0^T: one GEMM reads W0 once for both.
     const at::Tensor stacked = at::mm(at::cat({theta_a, theta_b}), weight.t());  // (2r, d) = [A; B^T]
     return {stacked.narrow(0, 0, r), stacked.narrow(0, r, r).t().contiguous()};
   }
   return {at::mm(theta_a, weight).contiguous(), at::mm(weight, theta_b.t()).contiguous()};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> generate_lora_weights(const at::Tensor& weight, const at::Tensor& theta_a,
+                                                         const at::Tensor& theta_b, const std::string& mode_name) {
+  check_float_dtype("weight", weight);
+  check_same_dtype_and_device("theta_a", theta_a, weight, "weight");
+  check_same_dtype_and_device("theta_b", theta_b, weight, "weight");
+  const Mode mode = parse_mode(mode_name);
+  check_weight_and_generators(weight, theta_a, theta_b, mode, mode_name);
+  return generate_checked(weight, theta_a, theta_b, mode);
 }
 
 namespace {
@@ -208,18 +246,21 @@ bool fold_into_weight(const Sizes& sz, double dropout_p, const at::Tensor& like)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
-    const DeviceKernels& kernels, const at::Tensor& x_in, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
-    double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode) {
-  const Sizes sz = check_forward_args(x_in, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode);
-  const at::Tensor x = x_in.contiguous();
-  auto [lora_a, lora_b] = generate_lora_weights(weight, theta_a, theta_b, mode);
+namespace {
 
+bool is_half_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+// y and u from checked, contiguous x (N, d_in) and A, B in x's dtype (the forward of docs/design.md §2).
+std::tuple<at::Tensor, at::Tensor> forward_core(const DeviceKernels& kernels, const at::Tensor& x,
+                                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+                                                double dropout_p, const std::optional<at::Tensor>& seed,
+                                                const Sizes& sz) {
   // u = x_hat A^T (N, r): saved for the backward (dB = s dy^T u), so computed even when y does not need it
   const at::Tensor u = dropout_p > 0.0 ? kernels.dropout_project(x, lora_a, *seed, dropout_p)
                                        : at::mm(x, lora_a.t()).contiguous();
-
   at::Tensor y;
   if (kernels.lowrank_first(dropout_p)) {
     // y = (b + s u B^T) + x W0^T: the rank-r GEMM writes y, the frozen GEMM adds onto it (beta = 1)
@@ -241,33 +282,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
     y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     y.addmm_(u, lora_b.t(), /*beta=*/1.0, /*alpha=*/scaling);
   }
-  return {y, u, lora_a, lora_b};
+  return {y, u};
 }
 
-// The backward (DESIGN.md §2), with x_hat = x * M / (1 - p), u = x_hat A^T:
-//
-//   v        = dy B                                  (N, r)
-//   dx       = dy W0 + s * (v A) * M / (1 - p)        (N, d_in)
-//   dA       = s * v^T x_hat                          (r, d_in)    reduction over tokens (fp32)
-//   dB^T     = s * u^T dy                             (r, d_out)   reduction over tokens (fp32)
-//   db       = sum over rows of dy                    (d_out,)     reduction over tokens (fp32)
-//   dtheta_a = dA W0   (paper)   |   dA W0^T  (general)
-//   dtheta_b = dB^T W0
-//
+// The backward of docs/design.md §2 (v, dx, dA, dB^T, db, dtheta; the reductions over tokens in fp32).
 // Passes over the N-sized tensors: dy is read by the v GEMM, the dx GEMM and one pass for dB^T and db; x is read
 // once, by the pass that yields dA and adds the low-rank term to dx (drawing the mask once per element). Without
 // dropout and with N >= d, dx = dy (W0 + s B A) instead: one GEMM, no pass adding a low-rank term. Without dropout,
 // a device's token_reductions (CPU) reads dy and x once for v, dA, dB^T and db together.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
-    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
-    const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u_in, const at::Tensor& lora_a_in,
-    const at::Tensor& lora_b_in, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
-    const std::string& mode, std::array<bool, 4> needs) {
-  const Sizes sz = check_backward_args(grad_y, x_in, weight, theta_a, theta_b, u_in, lora_a_in, lora_b_in, scaling,
-                                       dropout_p, seed, mode);
+// dtheta comes out in theta_dtype: x's dtype, or float32 for a half-precision x (the last GEMM writes float32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
+    const DeviceKernels& kernels, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, const Sizes& sz, std::array<bool, 4> needs, at::ScalarType theta_dtype) {
   const auto [need_x, need_theta_a, need_theta_b, need_bias] = needs;
-  const at::Tensor dy = grad_y.contiguous(), x = x_in.contiguous(), u = u_in.contiguous();
-  const at::Tensor lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous();
   const auto options = x.options();
   const int64_t r = sz.r;
   const bool paper = sz.mode == Mode::kPaper;
@@ -296,7 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
     reductions_done = kernels.token_reductions(dy, x, u, lora_b, scaling, v, grad_a, grad_b_t, grad_bias);
   }
   if (!reductions_done && (need_theta_a || dx_needs_v)) {
-    v = at::mm(dy, lora_b.t().contiguous().t());  // B read as the transpose of a contiguous B^T: MKL is ~2x faster
+    // on the CPU B is read as the transpose of a contiguous B^T (MKL is ~2x faster); cuBLAS takes B as it is
+    v = at::mm(dy, x.is_cpu() ? lora_b.t().contiguous().t() : lora_b);
   }
 
   at::Tensor grad_x;
@@ -321,18 +350,148 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
     if (need_theta_b || need_bias) kernels.dy_pass(dy, u, scaling, grad_b_t, grad_bias);
   }
 
+  // The theta gradients: cuBLAS writes float32 straight from half-precision operands (one kernel, no cast after)
+  const bool widen = theta_dtype != x.scalar_type();
+  auto contract = [&](const at::Tensor& a, const at::Tensor& b) {
+    if (widen && x.is_cuda() && is_half_dtype(x.scalar_type()) && theta_dtype == at::kFloat) return at::mm(a, b, at::kFloat);
+    return cast(at::mm(a, b), theta_dtype);
+  };
   at::Tensor grad_theta_a, grad_theta_b;
   if (stack_ab) {
-    const at::Tensor both = at::mm(stacked_ab, weight);  // [dA W0; dB^T W0]
+    const at::Tensor both = contract(stacked_ab, weight);  // [dA W0; dB^T W0]
     grad_theta_a = both.narrow(0, 0, r);
     grad_theta_b = both.narrow(0, r, r).clone();  // outputs must not share storage
   } else {
-    if (need_theta_a) grad_theta_a = at::mm(grad_a, paper ? weight : weight.t());
-    if (need_theta_b) grad_theta_b = at::mm(grad_b_t, weight);
+    if (need_theta_a) grad_theta_a = contract(grad_a, paper ? weight : weight.t());
+    if (need_theta_b) grad_theta_b = contract(grad_b_t, weight);
   }
   // custom ops cannot return None: a gradient that was not asked for is an empty tensor
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, options); };
-  return {or_empty(grad_x), or_empty(grad_theta_a), or_empty(grad_theta_b), or_empty(grad_bias)};
+  auto or_empty = [&](const at::Tensor& t, at::ScalarType dtype) {
+    return t.defined() ? t : at::empty({0}, options.dtype(dtype));
+  };
+  return {or_empty(grad_x, x.scalar_type()), or_empty(grad_theta_a, theta_dtype), or_empty(grad_theta_b, theta_dtype),
+          or_empty(grad_bias, x.scalar_type())};
+}
+
+// weight or bias given to prepare/forward_ab: x's dtype, or a float32 master of a half-precision x.
+void check_master(const char* name, const at::Tensor& t, at::ScalarType dtype, const at::Device& device) {
+  check_layout_and_dtype(name, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype || (is_half_dtype(dtype) && t.scalar_type() == at::kFloat), name,
+                   " has dtype ", py_dtype(t.scalar_type()), " but x has dtype ", py_dtype(dtype), ": ", name,
+                   " must share x's dtype (or be a float32 master of a half-precision x)");
+  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device().str(), " but x is on ", device.str(),
+                    ": all tensors must be on one device");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
+    const DeviceKernels& kernels, const at::Tensor& x_in, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode) {
+  const Sizes sz = check_forward_args(x_in, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode);
+  const at::Tensor x = x_in.contiguous();
+  auto [lora_a, lora_b] = generate_checked(weight, theta_a, theta_b, sz.mode);
+  auto [y, u] = forward_core(kernels, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, sz);
+  return {y, u, lora_a, lora_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
+    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u_in, const at::Tensor& lora_a_in,
+    const at::Tensor& lora_b_in, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
+    const std::string& mode, std::array<bool, 4> needs) {
+  const Sizes sz = check_backward_args(grad_y, x_in, weight, theta_a, theta_b, u_in, lora_a_in, lora_b_in, scaling,
+                                       dropout_p, seed, mode);
+  return backward_core(kernels, grad_y.contiguous(), x_in.contiguous(), weight, u_in.contiguous(),
+                       lora_a_in.contiguous(), lora_b_in.contiguous(), scaling, dropout_p, seed, sz, needs,
+                       x_in.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The ops behind condlora_C::linear (linear.cpp): the generation with the weight's rounding, then the forward and
+// backward on the generated A and B (docs/design.md §4)
+// ---------------------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKernels& kernels, const at::Tensor& weight,
+                                                                const at::Tensor& theta_a, const at::Tensor& theta_b,
+                                                                at::ScalarType dtype, const std::string& mode_name) {
+  const Mode mode = parse_mode(mode_name);
+  check_master("weight", weight, dtype, weight.device());
+  check_layout_and_dtype("theta_a", theta_a);
+  check_layout_and_dtype("theta_b", theta_b);
+  check_weight_and_generators(weight, theta_a, theta_b, mode, mode_name);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"theta_a", theta_a}, {"theta_b", theta_b}}) {
+    TORCH_CHECK_VALUE(t.device() == weight.device(), name, " is on ", t.device().str(), " but weight is on ",
+                      weight.device().str(), ": all tensors must be on one device");
+  }
+  const int64_t d_out = weight.size(0), d_in = weight.size(1), r = theta_a.size(0);
+  const bool cast_weight = weight.scalar_type() != dtype;
+  const auto options = weight.options().dtype(dtype);
+  // an output may not alias an input: the weight comes back only when it had to be cast (else an empty tensor)
+  const at::Tensor weight_out = at::empty({cast_weight ? d_out : 0, cast_weight ? d_in : 0}, options);
+  if (kernels.prepare != nullptr && mode == Mode::kPaper) {
+    at::Tensor lora_a = at::empty({r, d_in}, options), lora_b = at::empty({d_out, r}, options);
+    if (kernels.prepare(weight.contiguous(), theta_a.contiguous(), theta_b.contiguous(), cast_weight ? weight_out : at::Tensor(),
+                        lora_a, lora_b)) {
+      return {weight_out, lora_a, lora_b};
+    }
+  }
+  const at::Tensor w = cast(weight, dtype);  // a new tensor when cast: it is the output itself
+  auto [lora_a, lora_b] = generate_checked(w, cast(theta_a, dtype), cast(theta_b, dtype), mode);
+  return {cast_weight ? w : weight_out, lora_a, lora_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> condlora_forward_ab(const DeviceKernels& kernels, const at::Tensor& x_in,
+                                                       const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                       double scaling, double dropout_p,
+                                                       const std::optional<at::Tensor>& seed) {
+  check_layout_and_dtype("x", x_in);
+  check_scaling_and_dropout(scaling, dropout_p);
+  check_same_dtype_and_device("weight", weight, x_in);
+  check_same_dtype_and_device("lora_a", lora_a, x_in);
+  check_same_dtype_and_device("lora_b", lora_b, x_in);
+  if (bias.has_value()) check_master("bias", *bias, x_in.scalar_type(), x_in.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && x_in.dim() == 2 && x_in.size(1) == weight.size(1),
+                    "x must be 2-D (N, d_in) with d_in=", std::to_string(weight.size(1)), " (weight is ",
+                    py_tuple(weight.sizes()), "), got x ", py_tuple(x_in.sizes()));
+  const Sizes sz{x_in.size(0), weight.size(1), weight.size(0), lora_a.size(0), Mode::kGeneral};
+  check_shape("lora_a", lora_a, {sz.r, sz.d_in}, "r, d_in");
+  check_shape("lora_b", lora_b, {sz.d_out, sz.r}, "d_out, r");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == sz.d_out, "bias must have shape (", std::to_string(sz.d_out),
+                      ",) to match weight ", py_tuple(weight.sizes()), ", got ", py_tuple(bias->sizes()));
+  }
+  check_seed(seed, dropout_p, x_in.device());
+  const std::optional<at::Tensor> bias_cast =
+      bias.has_value() ? std::optional<at::Tensor>(cast(*bias, x_in.scalar_type())) : std::nullopt;
+  return forward_core(kernels, x_in.contiguous(), weight, bias_cast, lora_a.contiguous(), lora_b.contiguous(), scaling,
+                      dropout_p, seed, sz);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
+    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, const std::string& mode_name, at::ScalarType theta_dtype,
+    std::array<bool, 4> needs) {
+  const Mode mode = parse_mode(mode_name);
+  check_layout_and_dtype("grad_y", grad_y);
+  check_scaling_and_dropout(scaling, dropout_p);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_y", grad_y}, {"weight", weight},
+                                {"u", u}, {"lora_a", lora_a}, {"lora_b", lora_b}}) {
+    check_same_dtype_and_device(name, t, x);
+  }
+  const Sizes sz{x.size(0), weight.size(1), weight.size(0), lora_a.size(0), mode};
+  check_shape("grad_y", grad_y, {sz.n_rows, sz.d_out}, "N, d_out");
+  check_shape("u", u, {sz.n_rows, sz.r}, "N, r");
+  check_shape("lora_a", lora_a, {sz.r, sz.d_in}, "r, d_in");
+  check_shape("lora_b", lora_b, {sz.d_out, sz.r}, "d_out, r");
+  check_seed(seed, dropout_p, x.device());
+  TORCH_CHECK_TYPE(theta_dtype == x.scalar_type() || (is_half_dtype(x.scalar_type()) && theta_dtype == at::kFloat),
+                   "theta_dtype must be x's dtype or float32, got ", py_dtype(theta_dtype));
+  return backward_core(kernels, grad_y.contiguous(), x.contiguous(), weight, u.contiguous(), lora_a.contiguous(),
+                       lora_b.contiguous(), scaling, dropout_p, seed, sz, needs, theta_dtype);
 }
 
 }  // namespace condlora
@@ -356,4 +515,17 @@ TORCH_LIBRARY(condlora_C, m) {
       "-> (Tensor grad_x, Tensor grad_theta_a, Tensor grad_theta_b, Tensor grad_bias)",
       tags);
   m.def("dropout_keep_mask(Tensor seed, int n_rows, int n_cols, float dropout_p) -> Tensor", tags);
+  m.def(
+      "prepare(Tensor weight, Tensor theta_a, Tensor theta_b, ScalarType dtype, str mode) "
+      "-> (Tensor weight_cast, Tensor lora_a, Tensor lora_b)",
+      tags);
+  m.def(
+      "forward_ab(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, "
+      "float dropout_p, Tensor? seed) -> (Tensor y, Tensor u)",
+      tags);
+  m.def(
+      "backward_ab(Tensor grad_y, Tensor x, Tensor weight, Tensor u, Tensor lora_a, Tensor lora_b, float scaling, "
+      "float dropout_p, Tensor? seed, str mode, ScalarType theta_dtype, bool[4] needs) "
+      "-> (Tensor grad_x, Tensor grad_theta_a, Tensor grad_theta_b, Tensor grad_bias)",
+      tags);
 }

@@ -44,6 +44,14 @@ Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const a
                           const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
                           const std::optional<at::Tensor>& seed, const std::string& mode);
 void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const at::Device& device);
+// A floating, dense (strided) tensor: TypeError otherwise, naming the argument.
+void check_layout_and_dtype(const char* name, const at::Tensor& t);
+// scaling finite and within float32's range (the kernels multiply in float32); dropout_p in [0, 1) and not so close
+// to 1 that every element is dropped (the 16-bit threshold would reach 2^16, docs/design.md §3).
+void check_scaling_and_dropout(double scaling, double dropout_p);
+
+// Dropout seeds are drawn uniformly from [0, kSeedHigh) on x's device (docs/design.md §3).
+constexpr int64_t kSeedHigh = int64_t(1) << 62;
 // dropout_keep_mask's arguments: p in [0, 1), sizes >= 0, an int64 seed with one element.
 void check_mask_args(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p);
 
@@ -76,6 +84,12 @@ struct DeviceKernels {
   bool (*token_reductions)(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
                            const at::Tensor& lora_b, double scaling, const at::Tensor& v_out, const at::Tensor& grad_a,
                            const at::Tensor& grad_b_t, const at::Tensor& grad_bias);
+  // Optional (nullptr: not provided). Paper mode: from W0 (d, d) in its dtype and theta_a, theta_b (r, d) in theirs,
+  // lora_a = theta_a W0^T (r, d) and lora_b = W0 theta_b^T (d, r) in the outputs' dtype, accumulated in float32,
+  // and weight_out = W0 in that dtype where weight_out is defined: one pass over W0 instead of a cast, two casts
+  // of theta and a GEMM. Inputs contiguous. Returns false, having written nothing, where it does not handle them.
+  bool (*prepare)(const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
+                  const at::Tensor& weight_out, const at::Tensor& lora_a, const at::Tensor& lora_b);
 };
 
 // (lora_a, lora_b) = (A, B), contiguous, in W0's dtype.
@@ -94,5 +108,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
     const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u, const at::Tensor& lora_a,
     const at::Tensor& lora_b, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
     const std::string& mode, std::array<bool, 4> needs);
+
+// The ops behind condlora_C::linear (docs/design.md §4). prepare: (weight in dtype, or an empty tensor where it
+// already had it; lora_a; lora_b), the generators and a float32 master weight rounded to dtype. forward_ab: (y, u)
+// from A and B (weight, A and B in x's dtype; bias in x's dtype or a float32 master). backward_ab: the gradients,
+// dtheta in theta_dtype (x's dtype, or float32 for a half-precision x).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKernels& kernels, const at::Tensor& weight,
+                                                                const at::Tensor& theta_a, const at::Tensor& theta_b,
+                                                                at::ScalarType dtype, const std::string& mode);
+std::tuple<at::Tensor, at::Tensor> condlora_forward_ab(const DeviceKernels& kernels, const at::Tensor& x,
+                                                       const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                       double scaling, double dropout_p,
+                                                       const std::optional<at::Tensor>& seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
+    const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, const std::string& mode, at::ScalarType theta_dtype,
+    std::array<bool, 4> needs);
 
 }  // namespace condlora

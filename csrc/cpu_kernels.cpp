@@ -334,7 +334,7 @@ bool token_reductions_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
 bool lowrank_first_cpu(double) { return false; }
 
 const DeviceKernels kCpuKernels{dropout_project_cpu, x_pass_cpu, dy_pass_cpu, lowrank_first_cpu,
-                                 token_reductions_cpu};
+                                 token_reductions_cpu, /*prepare=*/nullptr};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The ops for the CPU dispatch key
@@ -354,6 +354,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     std::array<bool, 4> needs) {
   return condlora_backward(kCpuKernels, grad_y, x, weight, theta_a, theta_b, u, lora_a, lora_b, scaling, dropout_p,
                            seed, mode, needs);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_cpu(const at::Tensor& weight, const at::Tensor& theta_a,
+                                                           const at::Tensor& theta_b, at::ScalarType dtype,
+                                                           const std::string& mode) {
+  return condlora_prepare(kCpuKernels, weight, theta_a, theta_b, dtype, mode);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_ab_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                                  const at::Tensor& lora_b, double scaling, double dropout_p,
+                                                  const std::optional<at::Tensor>& seed) {
+  return condlora_forward_ab(kCpuKernels, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_ab_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, const std::string& mode, at::ScalarType theta_dtype,
+    std::array<bool, 4> needs) {
+  return condlora_backward_ab(kCpuKernels, grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode,
+                              theta_dtype, needs);
 }
 
 at::Tensor dropout_keep_mask_cpu(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p) {
@@ -381,4 +403,7 @@ TORCH_LIBRARY_IMPL(condlora_C, CPU, m) {
   m.impl("forward", &condlora::forward_cpu);
   m.impl("backward", &condlora::backward_cpu);
   m.impl("dropout_keep_mask", &condlora::dropout_keep_mask_cpu);
+  m.impl("prepare", &condlora::prepare_cpu);
+  m.impl("forward_ab", &condlora::forward_ab_cpu);
+  m.impl("backward_ab", &condlora::backward_ab_cpu);
 }

@@ -60,8 +60,9 @@ def _op_args(problem, dropout_p, seed_value=1234567891011):
 def test_extension_loads():
     """CI builds _C: it must load (a broken build would otherwise only show up as skipped tests)."""
     assert cpp.LOAD_ERROR is None, cpp.LOAD_ERROR
-    assert cpp._release(cpp._C.torch_version) == cpp._release(torch.__version__)
-    assert cpp._release("2.15.0a0+git1234") == (2, 15, 0)
+    module, reason = cpp.load_extension()
+    assert reason is None and cpp.torch_release(module.torch_version) == cpp.torch_release(torch.__version__)
+    assert cpp.torch_release("2.15.0a0+git1234") == (2, 15, 0)
 
 
 def _nvcc_present():
@@ -296,7 +297,11 @@ def _bad_inputs():
         "rank_zero": dict(ok, theta_a=torch.randn(0, 8), theta_b=torch.randn(0, 8)),
         "dropout_one": dict(ok, dropout_p=1.0),
         "dropout_negative": dict(ok, dropout_p=-0.1),
-        "dtype_mismatch": dict(ok, theta_a=p.theta_a.double()),
+        "dtype_mismatch": dict(ok, weight=p.weight.double()),
+        "bias_half_of_float_x": dict(ok, bias=p.bias.half()),
+        "sparse_x": dict(ok, x=p.x.to_sparse()),
+        "scaling_beyond_float32": dict(ok, scaling=1e300),
+        "dropout_rounds_to_one": dict(ok, dropout_p=0.999999),
         "not_float": dict(ok, x=p.x.long()),
         "scaling_inf": dict(ok, scaling=float("inf")),
         "unknown_mode": dict(ok, mode="square"),
@@ -313,11 +318,19 @@ def test_bad_input_messages_match_python(case):
     with pytest.raises((TypeError, ValueError)) as python_error:
         check_condlora_args(kw["x"], kw["weight"], kw["bias"], kw["theta_a"], kw["theta_b"], kw["scaling"],
                             kw["dropout_p"], kw["mode"])
-    seed = torch.tensor([1], dtype=torch.int64) if kw["dropout_p"] > 0 else None
+    # the whole-layer op has the Python API's contract (the generators in any floating dtype, float32 masters)
     with pytest.raises(python_error.type) as cpp_error:
-        torch.ops.condlora_C.forward(kw["x"], kw["weight"], kw["bias"], kw["theta_a"], kw["theta_b"], kw["scaling"],
-                                     kw["dropout_p"], seed, kw["mode"])
+        torch.ops.condlora_C.linear(kw["x"], kw["weight"], kw["bias"], kw["theta_a"], kw["theta_b"], kw["scaling"],
+                                    kw["dropout_p"], kw["mode"])
     assert str(python_error.value) in str(cpp_error.value)
+
+
+@needs_ext
+def test_inner_forward_op_wants_one_dtype():
+    """The inner ops take every tensor in x's dtype (condlora_C::linear casts before calling them)."""
+    p = make_problem(4, 8, 8, 2, mode="paper")
+    with pytest.raises(TypeError, match=r"theta_a has dtype torch.float64 but x has dtype torch.float32"):
+        torch.ops.condlora_C.forward(p.x, p.weight, p.bias, p.theta_a.double(), p.theta_b, 1.0, 0.0, None, "paper")
 
 
 @needs_ext
@@ -426,7 +439,7 @@ def test_missing_extension_reason(monkeypatch):
 
     monkeypatch.delattr(condlora_kernels, "_C", raising=False)
     monkeypatch.setitem(sys.modules, "condlora_kernels._C", None)  # the import of _C now fails
-    module, reason = cpp._load_extension()
+    module, reason = cpp.load_extension()
     assert module is None and "condlora_kernels._C is not built" in reason and "pip install" in reason
 
 
@@ -439,7 +452,7 @@ def test_extension_built_against_another_torch(monkeypatch):
     fake.torch_version = "0.0.1"
     monkeypatch.setitem(sys.modules, "condlora_kernels._C", fake)
     monkeypatch.setattr(condlora_kernels, "_C", fake, raising=False)
-    module, reason = cpp._load_extension()
+    module, reason = cpp.load_extension()
     assert module is None and "built against torch 0.0.1" in reason and torch.__version__ in reason
 
 
@@ -447,6 +460,7 @@ def test_fallback_when_extension_unavailable(monkeypatch):
     reason = "condlora_kernels._C is not built (simulated)"
     monkeypatch.setattr(cpp, "LOAD_ERROR", reason)
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_RESOLVED", {})  # the per-call choice is remembered: forget the real one
     p = make_problem(4, 8, 8, 2, mode="paper")
     with pytest.raises(BackendUnavailableError, match=r"simulated"):
         condlora_linear(*p.tensors(), 1.0, backend="cpu")

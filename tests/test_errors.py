@@ -69,9 +69,42 @@ def test_dropout_type(paper):
         _call(*paper.tensors(), dropout_p="0.1")
 
 
-def test_mismatched_dtypes(paper):
-    with pytest.raises(TypeError, match=r"theta_a has dtype torch.float64 but x has dtype torch.float32"):
-        _call(*paper.tensors()[:3], paper.theta_a.double(), paper.theta_b)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_mismatched_dtypes(paper, backend):
+    with pytest.raises(TypeError, match=r"weight has dtype torch.float64 but x has dtype torch.float32"):
+        _call(paper.x, paper.weight.double(), *paper.tensors()[2:], backend=backend)
+    with pytest.raises(TypeError, match=r"bias has dtype torch.float16 but x has dtype torch.float32"):
+        _call(paper.x, paper.weight, paper.bias.half(), paper.theta_a, paper.theta_b, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_generators_and_float32_masters_of_any_dtype_are_accepted(paper, backend):
+    """The generators are cast to the compute dtype; float32 weight and bias are masters of a half-precision x."""
+    x, w, b, ta, tb = paper.tensors()
+    want = _call(x.bfloat16(), w.bfloat16(), b.bfloat16(), ta.bfloat16(), tb.bfloat16(), backend=backend)
+    got = _call(x.bfloat16(), w.bfloat16(), b.bfloat16(), ta, tb.double(), backend=backend)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert _call(x.bfloat16(), w, b, ta, tb, backend=backend).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("bad,kind", [(lambda x: x.numpy(), TypeError), (lambda x: x.tolist(), TypeError),
+                                      (lambda x: x.to_sparse(), TypeError)])
+def test_x_not_a_dense_tensor(paper, backend, bad, kind):
+    with pytest.raises(kind, match=r"x"):
+        _call(bad(paper.x), *paper.tensors()[1:], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_scaling_out_of_float32_range(paper, backend):
+    with pytest.raises(ValueError, match=r"scaling must fit in float32"):
+        _call(*paper.tensors(), scaling=1e300, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_dropout_that_rounds_to_one(paper, backend):
+    with pytest.raises(ValueError, match=r"rounds to 1 in the 16-bit dropout mask"):
+        _call(*paper.tensors(), dropout_p=0.999999, backend=backend)
 
 
 def test_non_float(paper):

@@ -66,7 +66,7 @@ def test_dropout_only_in_training():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_exact(dtype):
     lin = nn.Linear(10, 10).to(dtype)
-    layer = FusedCondLoRALinear.from_linear(lin, r=3, alpha=6, backend="reference")
+    layer = FusedCondLoRALinear.from_linear(lin, r=3, alpha=6, backend="reference").eval()
     nn.init.normal_(layer.generator.theta_b)
     x = torch.randn(5, 10, dtype=dtype)
     before = layer(x)
@@ -121,3 +121,35 @@ def test_generator_forward_is_reference():
     ra, rb = reference.generate_lora_weights(w, g.theta_a, g.theta_b, "general")
     torch.testing.assert_close(a, ra)
     torch.testing.assert_close(b, rb)
+
+
+def test_standalone_layer_owns_its_generator():
+    layer = FusedCondLoRALinear.from_linear(nn.Linear(8, 8), r=2, backend="reference")
+    assert layer.owns_generator and layer.generator_key is None
+    assert sorted(k for k in layer.state_dict() if "theta" in k) == ["generator.theta_a", "generator.theta_b"]
+    shared = CondLoRAGenerator(8, 8, r=2)
+    layer.use_shared_generator(shared, "proj")
+    assert layer.generator is shared and not layer.owns_generator and layer.generator_key == "proj"
+    assert not any("theta" in k for k in layer.state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.use_shared_generator(CondLoRAGenerator(8, 8, r=4), "proj")
+    with pytest.raises(TypeError, match="CondLoRAGenerator"):
+        layer.use_shared_generator(nn.Linear(8, 2), "proj")
+
+
+def test_half_cast_of_a_layer_keeps_the_generator_float32():
+    layer = FusedCondLoRALinear.from_linear(nn.Linear(8, 8), r=2, backend="reference")
+    nn.init.normal_(layer.generator.theta_b)
+    theta_b = layer.generator.theta_b.detach().clone()
+    layer.half()
+    assert layer.weight.dtype == torch.float16 and layer.generator.theta_b.dtype == torch.float32
+    assert torch.equal(layer.generator.theta_b, theta_b)
+    assert layer(torch.randn(3, 8, dtype=torch.float16)).dtype == torch.float16
+    g = CondLoRAGenerator(4, 4, r=2).to(torch.bfloat16)
+    assert g.theta_a.dtype == torch.float32
+    assert CondLoRAGenerator(4, 4, r=2).double().theta_a.dtype == torch.float64
+
+
+def test_from_linear_keeps_eval_mode():
+    layer = FusedCondLoRALinear.from_linear(nn.Linear(8, 8).eval(), r=2, dropout=0.5, backend="reference")
+    assert not layer.training and not layer.generator.training

@@ -1,7 +1,7 @@
 """Autotuning of the Triton kernels' launch configurations (condlora_kernels/kernels/triton/autotune.py).
 
 CPU tests check the logic with fake launches and a fake timer (no GPU, no interpreter needed): the key,
-the candidate lists, the race, the JSON cache, the conditions that turn measuring off. GPU tests run
+the candidate lists (config.py), the race, the JSON cache, the conditions that turn measuring off. GPU tests run
 the kernels with tuning on against the reference (the accuracy rule of condlora_kernels.testing), and
 every candidate configuration, forced one at a time, at one odd shape: that is what makes a race safe,
 since whichever candidate wins serves the call.
@@ -20,8 +20,9 @@ import torch
 import triton
 
 from condlora_kernels import condlora_linear
-from condlora_kernels.kernels.triton import autotune
+from condlora_kernels.kernels.triton import autotune, config
 from condlora_kernels.kernels.triton import condlora_linear as tk
+from condlora_kernels.kernels.triton.config import BackwardConfig, ForwardConfig, Tile
 from condlora_kernels.ops.backends import BACKENDS
 from condlora_kernels.testing import backend_vs_reference, make_problem
 from tests.conftest import requires_cuda
@@ -29,7 +30,7 @@ from tests.conftest import requires_cuda
 A100_SMEM = 166912  # opt-in shared memory per block, bytes
 H100_SMEM = 232448
 HALF = (torch.float16, torch.bfloat16)
-HELPER_LOOP = dict(HELPER_BLOCK_K=128, HELPER_STAGES=4)  # tk._helper_loop's below rank 64, in half precision
+HELPER_LOOP = dict(HELPER_BLOCK_K=128, HELPER_STAGES=4)  # config.helper_loop's below rank 64, in half precision
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +51,9 @@ def measurable(monkeypatch):
 
 @pytest.fixture
 def heuristics(monkeypatch):
-    """The launchers' GPU heuristics, also where the interpreter is on (it would answer INTERPRETER_CONFIG)."""
-    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    """The launchers' GPU heuristics, also where the interpreter is on (it would answer INTERPRETER_TILE).
+    The kernels were compiled for the interpreter at import: that stays as it is."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,107 +87,128 @@ CASES = [(dtype, r_pad, n_rows) for dtype in (torch.bfloat16, torch.float16, tor
          for r_pad in (16, 32, 64, 128, 256) for n_rows in (512, 65536)]
 
 
-def _area(cfg):
-    return cfg["BLOCK_M"] * cfg["BLOCK_N"]
+def _area(tile):
+    return tile.block_m * tile.block_n
 
 
-def _check_rules(cfg, dtype, r_pad, backward_dropout=False):
-    """The rank and dtype rules the heuristics encode, stated independently of autotune.py."""
+def _check_rules(tile, dtype, r_pad, backward_dropout=False):
+    """The rank and dtype rules the heuristics encode, stated independently of config.py."""
     if dtype == torch.float32 and r_pad < 128:
-        assert cfg["BLOCK_K"] == 32 and _area(cfg) <= 128 * 128, cfg
+        assert tile.block_k == 32 and _area(tile) <= 128 * 128, tile
     if r_pad >= 128:  # rank-r operands take shared memory: small tiles, short pipelines
-        assert _area(cfg) <= 128 * 128 and cfg["num_stages"] * cfg["BLOCK_K"] <= 128, cfg
-    if r_pad >= 64 and dtype in HALF and _area(cfg) > 128 * 128:
-        assert cfg["num_stages"] <= 2, cfg
+        assert _area(tile) <= 128 * 128 and tile.num_stages * tile.block_k <= 128, tile
+    if r_pad >= 64 and dtype in HALF and _area(tile) > 128 * 128:
+        assert tile.num_stages <= 2, tile
     if backward_dropout:  # a dropout epilogue's second float32 tile spills above 128 x 128
-        assert _area(cfg) <= 128 * 128, cfg
+        assert _area(tile) <= 128 * 128, tile
 
 
 @pytest.mark.parametrize("smem_limit", [A100_SMEM, H100_SMEM], ids=["a100", "h100"])
 @pytest.mark.parametrize("dtype,r_pad,n_rows", CASES, ids=str)
 def test_forward_candidates(dtype, r_pad, n_rows, smem_limit, heuristics):
-    heuristic = tk._fwd_config(n_rows, 4096, r_pad, dtype)
-    helper_loop = tk._helper_loop(dtype, r_pad)
-    cands = autotune.forward_candidates(heuristic, dtype, r_pad, helper_loop, smem_limit)
+    heuristic = ForwardConfig(config.forward_tile(n_rows, 4096, r_pad, dtype))
+    helper_loop = config.helper_loop(dtype, r_pad)
+    cands = config.forward_candidates(heuristic, dtype, r_pad, helper_loop, smem_limit)
     assert cands[0] == heuristic
-    assert 1 <= len(cands) <= autotune.MAX_CANDIDATES
-    assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
+    assert 1 <= len(cands) <= config.MAX_CANDIDATES
+    assert len(set(cands)) == len(cands)
     elem = torch.empty(0, dtype=dtype).element_size()
     for cfg in cands:
-        _check_rules(cfg, dtype, r_pad)
+        _check_rules(cfg.tile, dtype, r_pad)
     for cfg in cands[1:]:
-        assert autotune.smem_lower_bound(cfg, elem, helper_loop) <= smem_limit
+        assert config.smem_lower_bound(cfg.tile, elem, helper_loop) <= smem_limit
     # every candidate comes from the pool, so that test_gpu_every_candidate_is_correct covers them all
-    assert all(c in autotune.forward_pool(dtype, r_pad) for c in cands)
+    assert all(c.tile in config.forward_pool(dtype, r_pad) for c in cands)
 
 
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("smem_limit", [A100_SMEM, H100_SMEM], ids=["a100", "h100"])
 @pytest.mark.parametrize("dtype,r_pad,n_rows", CASES, ids=str)
 def test_backward_candidates(dtype, r_pad, n_rows, smem_limit, dropout, heuristics):
-    heuristic = tk._bwd_config(n_rows, 4096, r_pad, dtype, dropout)
+    heuristic_tile = config.backward_tile(n_rows, 4096, r_pad, dtype, dropout)
 
     def helpers_at(cfg):  # as the launcher would count them: 16 by the heuristic, at most 33
-        return max(1, min(round(16 * cfg["HELPER_SCALE"]), 33))
+        return max(1, min(round(16 * cfg.helper_scale), 33))
 
-    helper_loop = tk._helper_loop(dtype, r_pad)
-    cands = autotune.backward_candidates(heuristic, dtype, r_pad, dropout, helper_loop, smem_limit, helpers_at)
-    assert cands[0] == dict(heuristic, HELPER_SCALE=1.0)
-    assert 1 <= len(cands) <= autotune.MAX_CANDIDATES
-    assert len({tuple(sorted(c.items())) for c in cands}) == len(cands)
-    tile_of = lambda c: {k: v for k, v in c.items() if k != "HELPER_SCALE"}  # noqa: E731
-    scales = {c["HELPER_SCALE"] for c in cands if tile_of(c) == heuristic}
+    helper_loop = config.helper_loop(dtype, r_pad)
+    cands = config.backward_candidates(BackwardConfig(heuristic_tile), dtype, r_pad, dropout, helper_loop, smem_limit,
+                                       helpers_at)
+    assert cands[0] == BackwardConfig(heuristic_tile, helper_scale=1.0)
+    assert 1 <= len(cands) <= config.MAX_CANDIDATES
+    assert len(set(cands)) == len(cands)
+    scales = {c.helper_scale for c in cands if c.tile == heuristic_tile}
     assert scales == {0.5, 1.0, 1.5}  # 8, 16, 24 helpers
     elem = torch.empty(0, dtype=dtype).element_size()
     for cfg in cands:
-        _check_rules(cfg, dtype, r_pad, backward_dropout=dropout)
-        assert cfg["HELPER_SCALE"] == 1.0 or tile_of(cfg) == heuristic
-        assert tile_of(cfg) in autotune.backward_pool(dtype, r_pad, dropout)
-        if tile_of(cfg) != heuristic:
-            assert autotune.smem_lower_bound(cfg, elem, helper_loop) <= smem_limit
+        _check_rules(cfg.tile, dtype, r_pad, backward_dropout=dropout)
+        assert cfg.helper_scale == 1.0 or cfg.tile == heuristic_tile
+        assert cfg.tile in config.backward_pool(dtype, r_pad, dropout)
+        if cfg.tile != heuristic_tile:
+            assert config.smem_lower_bound(cfg.tile, elem, helper_loop) <= smem_limit
 
 
 def test_backward_helper_variants_that_change_nothing_are_dropped():
-    heuristic = autotune.tile(128, 128, 64, 3, 8)
-    cands = autotune.backward_candidates(heuristic, torch.bfloat16, 16, False, HELPER_LOOP, H100_SMEM, lambda cfg: 1)
-    assert [c["HELPER_SCALE"] for c in cands] == [1.0] * len(cands)
-    assert len(cands) == autotune.MAX_CANDIDATES
+    heuristic = BackwardConfig(Tile(128, 128, 64, 3, 8))
+    cands = config.backward_candidates(heuristic, torch.bfloat16, 16, False, HELPER_LOOP, H100_SMEM, lambda cfg: 1)
+    assert [c.helper_scale for c in cands] == [1.0] * len(cands)
+    assert len(cands) == config.MAX_CANDIDATES
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.0, 1.5, 4.0])
 @pytest.mark.parametrize("num_programs,num_m", [(132, 200), (132, 3), (16, 64), (6, 64), (1, 10)])
 def test_scaled_helper_counts_stay_within_bounds(num_programs, num_m, scale):
     """At least one helper, no more than the row blocks, and workers left for the DX tiles."""
-    helpers = tk._num_helpers(num_programs, 1e9, 1e12, num_m, min_helpers=8, scale=scale)
+    helpers = config.num_helpers(num_programs, 1e9, 1e12, num_m, min_helpers=8, scale=scale)
     assert 1 <= helpers <= max(1, min(num_m, num_programs // 4))
     if scale == 1.0:
-        assert helpers == tk._num_helpers(num_programs, 1e9, 1e12, num_m, min_helpers=8)
+        assert helpers == config.num_helpers(num_programs, 1e9, 1e12, num_m, min_helpers=8)
+
+
+@pytest.mark.parametrize("requested,num_programs,expected", [(12, 132, 12), (500, 132, 131), (0, 132, 1), (12, 1, 1)])
+def test_requested_helper_count_leaves_a_worker(requested, num_programs, expected):
+    """BackwardConfig.num_helpers replaces the rate model's count, but one program stays a worker."""
+    assert config.num_helpers(num_programs, 1e9, 1e12, 200, min_helpers=8, requested=requested) == expected
 
 
 def test_smem_pruning_drops_only_what_cannot_fit():
-    deep = autotune.tile(128, 256, 64, 5, 8)  # 4 x 48 KiB of main-loop pipeline at least
-    assert autotune.smem_lower_bound(deep, 2, HELPER_LOOP) > A100_SMEM
-    heuristic = autotune.tile(128, 128, 64, 3, 8)
-    assert autotune._shortlist([heuristic], [deep], torch.bfloat16, HELPER_LOOP, A100_SMEM) == [heuristic]
-    assert autotune._shortlist([heuristic], [deep], torch.bfloat16, HELPER_LOOP, 4 * A100_SMEM) == [heuristic, deep]
+    deep = ForwardConfig(Tile(128, 256, 64, 5, 8))  # 4 x 48 KiB of main-loop pipeline at least
+    assert config.smem_lower_bound(deep.tile, 2, HELPER_LOOP) > A100_SMEM
+    heuristic = ForwardConfig(Tile(128, 128, 64, 3, 8))
+    assert config.shortlist([heuristic], [deep], torch.bfloat16, HELPER_LOOP, A100_SMEM) == [heuristic]
+    assert config.shortlist([heuristic], [deep], torch.bfloat16, HELPER_LOOP, 4 * A100_SMEM) == [heuristic, deep]
 
 
 def test_a100_list_leaves_out_the_256_row_backward_tile(heuristics):
     """Its helper loop (3 x 256 rows x 128 columns of bf16 at least) fits the H100 but not the A100."""
-    tall = dict(autotune.tile(256, 128, 64, 3, 8), HELPER_SCALE=1.0)
-    heuristic = tk._bwd_config(65536, 4096, 16, torch.bfloat16, False)
-    lists = {limit: autotune.backward_candidates(heuristic, torch.bfloat16, 16, False, HELPER_LOOP, limit,
-                                                 lambda cfg: 1)
+    tall = BackwardConfig(Tile(256, 128, 64, 3, 8))
+    heuristic = BackwardConfig(config.backward_tile(65536, 4096, 16, torch.bfloat16, False))
+    lists = {limit: config.backward_candidates(heuristic, torch.bfloat16, 16, False, HELPER_LOOP, limit,
+                                               lambda cfg: 1)
              for limit in (A100_SMEM, H100_SMEM)}
     assert tall in lists[H100_SMEM] and tall not in lists[A100_SMEM]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("r_pad", [16, 32, 64, 128, 256])
+def test_heuristic_tiles_come_from_the_table(dtype, r_pad, heuristics):
+    """The heuristics pick from the same tile table the races draw from: the first tile of the case,
+    a narrow one where the problem is too small for wide tiles (and for the backward's dropout)."""
+    for n_rows in (512, 65536):
+        for dropout in (False, True):
+            tile = config.backward_tile(n_rows, 4096, r_pad, dtype, dropout)
+            assert tile == config.backward_pool(dtype, r_pad, dropout)[0] or not tile.wide
+            assert not (dropout and tile.wide)
+        tile = config.forward_tile(n_rows, 4096, r_pad, dtype)
+        assert tile == config.forward_pool(dtype, r_pad)[0] or not tile.wide
+    assert config.forward_tile(65536, 4096, r_pad, dtype) == config.forward_pool(dtype, r_pad)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # the race, with fake launches and a fake timer
 # ---------------------------------------------------------------------------------------------------
 
-CANDIDATES = [autotune.tile(128, 128, 64, 3, 8), autotune.tile(128, 256, 64, 3, 8), autotune.tile(256, 128, 64, 3, 8),
-              autotune.tile(128, 128, 32, 4, 4)]
+CANDIDATES = [ForwardConfig(Tile(128, 128, 64, 3, 8)), ForwardConfig(Tile(128, 256, 64, 3, 8)),
+              ForwardConfig(Tile(256, 128, 64, 3, 8)), ForwardConfig(Tile(128, 128, 32, 4, 4))]
 KEY = ("condlora_fwd", "fake GPU sm90 132SMs", "bfloat16", 16, 768, 1000, 1024, ("MODE_PAPER", False))
 
 
@@ -221,7 +244,7 @@ def test_race_picks_the_fastest_and_runs_it_last(measurable):
     assert tuned(fake) == CANDIDATES[1]
     assert fake.launches == [0, 1, 2, 3, 1]  # the winner last: its outputs are the call's
     assert fake.timed == 4
-    assert autotune.cache_info()["chosen"] == {autotune.key_string(KEY): CANDIDATES[1]}
+    assert autotune.cache_info()["chosen"] == {autotune.key_string(KEY): CANDIDATES[1].as_dict()}
 
 
 def test_winner_that_ran_last_is_not_run_again(measurable):
@@ -304,20 +327,18 @@ def test_cached_choice_is_used_where_measuring_is_not_allowed(condition, measura
     assert tuned(fake, timer=no_timer, **where) == CANDIDATES[1]
 
 
-def test_launchers_fix_the_config_when_off_or_overridden(monkeypatch, measurable):
-    assert not tk._tuning_fixed(None, None)
-    assert tk._tuning_fixed(dict(CANDIDATES[0]))  # FWD/BWD_CONFIG_OVERRIDE
-    assert tk._tuning_fixed(None, 12)  # HELPERS_OVERRIDE
+def test_tuning_off_by_switch_or_interpreter(monkeypatch, measurable):
+    assert autotune.enabled()
     monkeypatch.setenv(autotune.ENV_SWITCH, "0")
-    assert tk._tuning_fixed(None, None)
+    assert not autotune.enabled()
     monkeypatch.setenv(autotune.ENV_SWITCH, "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert tk._tuning_fixed(None, None)
+    assert not autotune.enabled()
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter path")
 def test_interpreted_launch_neither_tunes_nor_writes_a_cache(tmp_path):
-    """Under TRITON_INTERPRET the kernels run INTERPRETER_CONFIG, as before tuning existed."""
+    """Under TRITON_INTERPRET the kernels run config.INTERPRETER_TILE, as before tuning existed."""
     problem = make_problem(5, 16, 16, 2, mode="paper", dtype=torch.float32, seed=1)
     results = backend_vs_reference("triton", problem, dropout_p=0.1)
     assert all(ok for ok, _ in results), results
@@ -334,12 +355,12 @@ def test_cache_file_round_trip(measurable):
     data = json.loads(autotune.cache_path().read_text())
     assert data["format"] == autotune.FORMAT_VERSION
     assert data["torch"] == torch.__version__ and data["triton"] == triton.__version__
-    assert data["entries"] == {autotune.key_string(KEY): CANDIDATES[1]}
+    assert data["entries"] == {autotune.key_string(KEY): CANDIDATES[1].as_dict()}
     autotune.clear_cache()  # a new process: only the file remembers
     fake = FakeKernel([0.0] * 4)
     assert tuned(fake, timer=no_timer) == CANDIDATES[1]
     assert fake.launches == [1]
-    assert autotune.cache_info()["chosen"] == {autotune.key_string(KEY): CANDIDATES[1]}
+    assert autotune.cache_info()["chosen"] == {autotune.key_string(KEY): CANDIDATES[1].as_dict()}
 
 
 def test_cache_file_keeps_other_entries(measurable):
@@ -348,17 +369,18 @@ def test_cache_file_keeps_other_entries(measurable):
     autotune.clear_cache()
     tuned(FakeKernel([1.0, 3.0, 2.0, 1.5]), key=other_key)
     entries = json.loads(autotune.cache_path().read_text())["entries"]
-    assert entries == {autotune.key_string(KEY): CANDIDATES[1], autotune.key_string(other_key): CANDIDATES[0]}
+    assert entries == {autotune.key_string(KEY): CANDIDATES[1].as_dict(),
+                       autotune.key_string(other_key): CANDIDATES[0].as_dict()}
 
 
 @pytest.mark.parametrize("stale", ["not a candidate", "other triton", "other format"])
 def test_stale_cache_entries_are_ignored(stale, measurable):
     path = autotune.cache_path()
     path.parent.mkdir(parents=True)
-    versions = autotune._versions()
-    entry = CANDIDATES[1]
+    versions = {"format": autotune.FORMAT_VERSION, "torch": torch.__version__, "triton": triton.__version__}
+    entry = CANDIDATES[1].as_dict()
     if stale == "not a candidate":
-        entry = autotune.tile(16, 16, 16, 1, 1)
+        entry = ForwardConfig(Tile(16, 16, 16, 1, 1)).as_dict()
     elif stale == "other triton":
         versions["triton"] = "0.0.1"
     else:
@@ -484,25 +506,25 @@ FORCED_CASES += [pytest.param(*case, marks=pytest.mark.skipif(not ALL_CANDIDATES
                          ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else v[0])
 def test_gpu_every_candidate_is_correct(shape, dtype, r, dropout_p, main_loop, monkeypatch):
     """Every configuration a race can pick (each pool holds its case's candidates at any shape),
-    forced through the development hooks: the forward pool with the backward's heuristic, then every
+    forced through the launchers' `config`: the forward pool with the backward's heuristic, then every
     backward tile, and the heuristic tile with every helper count, with the forward's heuristic."""
     monkeypatch.setenv(autotune.ENV_SWITCH, "0")  # the direction not forced runs its heuristic
-    monkeypatch.setattr(tk, "TMA_MIN_MACS", 0 if main_loop == "tma" else 2**62)
+    use_tma = main_loop == "tma"
     mode, n, d_in, d_out = shape
     problem = make_problem(n, d_in, d_out, r, mode=mode, bias=True, dtype=dtype, device="cuda", seed=n)
-    r_pad = tk._r_pad(r)
-    heuristic = tk._bwd_config(n, d_in, r_pad, dtype, dropout_p > 0)
-    backward = [dict(heuristic, HELPER_SCALE=s) for s in (1.0, *autotune.HELPER_SCALES)]
-    backward += [dict(c, HELPER_SCALE=1.0) for c in autotune.backward_pool(dtype, r_pad, dropout_p > 0)
-                 if c != heuristic]
-    forced = [("FWD_CONFIG_OVERRIDE", c) for c in autotune.forward_pool(dtype, r_pad)]
-    forced += [("BWD_CONFIG_OVERRIDE", c) for c in backward]
-    for hook, cfg in forced:
-        monkeypatch.setattr(tk, hook, cfg)
-        results = backend_vs_reference("triton", problem, dropout_p=dropout_p)
-        monkeypatch.setattr(tk, hook, None)
+    r_pad = config.r_pad(r)
+    heuristic = config.backward_tile(n, d_in, r_pad, dtype, dropout_p > 0)
+    backward = [BackwardConfig(heuristic, helper_scale=s, use_tma=use_tma) for s in (1.0, *config.HELPER_SCALES)]
+    backward += [BackwardConfig(t, use_tma=use_tma) for t in config.backward_pool(dtype, r_pad, dropout_p > 0)
+                 if t != heuristic]
+    forced = [(ForwardConfig(t, use_tma=use_tma), BackwardConfig(use_tma=use_tma))
+              for t in config.forward_pool(dtype, r_pad)]
+    forced += [(ForwardConfig(use_tma=use_tma), cfg) for cfg in backward]
+    for forward_cfg, backward_cfg in forced:
+        results = backend_vs_reference(tk.TritonBackend.with_config(forward_cfg, backward_cfg), problem,
+                                       dropout_p=dropout_p)
         bad = [msg for ok, msg in results if not ok]
-        assert not bad, f"{hook}={cfg}:\n" + "\n".join(bad)
+        assert not bad, f"{forward_cfg!r}, {backward_cfg!r}:\n" + "\n".join(bad)
 
 
 @requires_cuda

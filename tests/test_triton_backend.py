@@ -17,6 +17,8 @@ import triton.language as tl
 from condlora_kernels import BackendUnavailableError, reference, FusedCondLoRALinear, condlora_linear
 from condlora_kernels.ops.backends import BACKENDS
 from condlora_kernels.kernels.triton import condlora_linear as tk
+from condlora_kernels.kernels.triton import runtime
+from condlora_kernels.kernels.triton.config import BackwardConfig, ForwardConfig, backward_tile
 from condlora_kernels.ops.condlora_linear import CondLoRALinearFunction
 from condlora_kernels.testing import ODD_SHAPES, backend_vs_reference, make_problem
 from tests.conftest import HAS_CUDA, requires_cuda
@@ -27,18 +29,17 @@ triton_ready = BACKENDS["triton"].unavailable_reason(torch.empty(0, device=DEVIC
 pytestmark = pytest.mark.skipif(triton_ready is not None, reason=f"Triton backend cannot run here: {triton_ready}")
 
 
-
 def _assert_all_ok(results):
     bad = [msg for ok, msg in results if not ok]
     assert not bad, "\n".join(bad)
 
 
 @pytest.fixture(params=["pointer", "tma"])
-def main_loop(request, monkeypatch):
-    """Run a test through the pointer main loop and through the TMA one (which eager mode takes above
-    TMA_MIN_MACS multiply-adds, where the tensors' strides allow it)."""
-    monkeypatch.setattr(tk, "TMA_MIN_MACS", 0 if request.param == "tma" else 2**62)
-    return request.param
+def main_loop(request):
+    """The Triton backend through the pointer main loops and through the TMA ones (which eager mode
+    takes above config.TMA_MIN_MACS multiply-adds; here wherever the tensors' strides allow it)."""
+    use_tma = request.param == "tma"
+    return tk.TritonBackend.with_config(ForwardConfig(use_tma=use_tma), BackwardConfig(use_tma=use_tma))
 
 
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "-".join(map(str, s)))
@@ -47,7 +48,7 @@ def main_loop(request, monkeypatch):
 def test_odd_shapes_float32(shape, dropout_p, bias, main_loop):
     mode, n, d_in, d_out, r = shape
     problem = make_problem(n, d_in, d_out, r, mode=mode, bias=bias, dtype=torch.float32, device=DEVICE, seed=n + r)
-    _assert_all_ok(backend_vs_reference("triton", problem, dropout_p=dropout_p))
+    _assert_all_ok(backend_vs_reference(main_loop, problem, dropout_p=dropout_p))
 
 
 @pytest.mark.parametrize("shape", ODD_SHAPES[:2], ids=lambda s: "-".join(map(str, s)))
@@ -60,10 +61,10 @@ def test_odd_shapes_float16(shape, dropout_p):
 
 @triton.jit
 def _mask_kernel(seed_ptr, out_ptr, n_rows, d_in, threshold, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    seed_lo, seed_hi = tk._load_seed(seed_ptr)
+    seed_lo, seed_hi = tk.load_seed(seed_ptr)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     for c0 in range(0, d_in, BLOCK_C):
-        keep = tk._dropout_keep(seed_lo, seed_hi, rows, c0, d_in, threshold, BLOCK_R, BLOCK_C)
+        keep = tk.dropout_keep(seed_lo, seed_hi, rows, c0, d_in, threshold, BLOCK_R, BLOCK_C)
         cols = c0 + tl.arange(0, BLOCK_C)
         tl.store(out_ptr + rows[:, None] * d_in + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < n_rows) & (cols[None, :] < d_in))
@@ -80,6 +81,13 @@ def test_dropout_mask_bit_exact():
     assert torch.equal(out.bool(), reference.dropout_keep_mask(seed, n_rows, d_in, p))
 
 
+def test_launch_refuses_a_missing_or_unknown_argument():
+    """Launches name every runtime argument: a missing or misspelt one is an error, never a shifted argument."""
+    args = {name: 0 for name in ("x_ptr", "w_ptr", "stride_xn")}
+    with pytest.raises(TypeError, match="stride_xk.*stride_xn"):
+        runtime.launch(tk.condlora_forward_kernel, (1,), args, {"num_stages": 1}, torch.empty(1, device=DEVICE))
+
+
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False),
                                    (False, False, False, True), (True, False, True, True)])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -89,14 +97,14 @@ def test_partial_gradients(needs, dropout_p):
     _assert_all_ok(backend_vs_reference("triton", problem, dropout_p=dropout_p, needs=needs))
 
 
-@pytest.mark.parametrize("num_slots", [None, 3])
-def test_many_row_blocks(num_slots, monkeypatch):
+@pytest.mark.parametrize("max_slots", [None, 3])
+def test_many_row_blocks(max_slots):
     """17 row blocks through the backward: one partial-sum slot each, or 3 slots that blocks m, m + 3,
     m + 6, ... take in turns (the path large problems take when memory is short)."""
-    monkeypatch.setattr(tk, "MAX_SLOTS_OVERRIDE", num_slots)
-    rows = 17 * tk._bwd_config(1, 8, 16, torch.float32, False)["BLOCK_M"] + 3
+    rows = 17 * backward_tile(1, 8, 16, torch.float32, False).block_m + 3
     problem = make_problem(rows, 40, 72, 2, mode="general", dtype=torch.float32, device=DEVICE, seed=6)
-    _assert_all_ok(backend_vs_reference("triton", problem, dropout_p=0.2))
+    backend = tk.TritonBackend.with_config(backward=BackwardConfig(max_slots=max_slots))
+    _assert_all_ok(backend_vs_reference(backend, problem, dropout_p=0.2))
 
 
 @pytest.mark.skipif(not INTERPRET, reason="float64 runs under the interpreter only")
@@ -219,7 +227,7 @@ GPU_CASES = ([(torch.bfloat16, shape) for shape in GPU_SHAPES]
 def test_gpu_against_reference(dtype, shape, dropout_p, main_loop):
     mode, n, d_in, d_out, r = shape
     problem = make_problem(n, d_in, d_out, r, mode=mode, dtype=dtype, device="cuda", seed=n)
-    _assert_all_ok(backend_vs_reference("triton", problem, dropout_p=dropout_p))
+    _assert_all_ok(backend_vs_reference(main_loop, problem, dropout_p=dropout_p))
 
 
 @requires_cuda

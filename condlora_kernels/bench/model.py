@@ -20,8 +20,6 @@ import copy
 import gc
 import importlib
 import importlib.util
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora_kernels import reference
+from condlora_kernels import reference, timing
 from condlora_kernels.bench import report
 from condlora_kernels.bench.kernels import Point, error_message
 from condlora_kernels.bench.providers import backend_unavailable_reason
 from condlora_kernels.bench.shapes import ModelCase, Settings
-from condlora_kernels.integrations.model import _matched_target, _set_submodule, apply_condlora
+from condlora_kernels.integrations.model import apply_condlora, match_target, set_submodule
 
 MODEL_PROVIDERS = ("frozen", "peft_lora", "paper_code_condlora", "condlora[triton]", "condlora[cuda]",
                    "condlora[cpu]", "condlora[reference]")
@@ -83,7 +81,7 @@ def swap_paper_code(model: nn.Module, targets, r: int, alpha: float, dropout: fl
         p.requires_grad_(False)
     generators = {}
     for name, module in list(model.named_modules()):
-        target = _matched_target(name, list(targets)) if isinstance(module, nn.Linear) else None
+        target = match_target(name, list(targets)) if isinstance(module, nn.Linear) else None
         if target is None:
             continue
         d_out, d_in = module.weight.shape
@@ -95,11 +93,11 @@ def swap_paper_code(model: nn.Module, targets, r: int, alpha: float, dropout: fl
             gen_b = nn.Linear(d_in, r, bias=False, device=module.weight.device)
             nn.init.zeros_(gen_b.weight)
             generators[key] = (gen_a, gen_b)
-        _set_submodule(model, name, PaperCodeCondLoRALinear(module, *generators[key], alpha / r, dropout))
+        set_submodule(model, name, PaperCodeCondLoRALinear(module, *generators[key], alpha / r, dropout))
     if not generators:
         raise ValueError(f"targets {list(targets)} matched no nn.Linear")
     for name, module in model.named_modules():
-        if modules_to_save and _matched_target(name, list(modules_to_save)) is not None:
+        if modules_to_save and match_target(name, list(modules_to_save)) is not None:
             for p in module.parameters():
                 p.requires_grad_(True)
     return model
@@ -152,7 +150,7 @@ def attach(provider: str, model: nn.Module, case: ModelCase, dropout: float) -> 
         for p in model.parameters():
             p.requires_grad_(False)
         for name, module in model.named_modules():
-            if head and _matched_target(name, head) is not None:
+            if head and match_target(name, head) is not None:
                 for p in module.parameters():
                     p.requires_grad_(True)
         # make the backward run through every layer, as it does with adapters (hook: output -> leaf with grad)
@@ -267,22 +265,11 @@ class ModelSuite:
         return step
 
     def _median_step_ms(self, step) -> float:
-        for _ in range(self.settings.model_warmup_steps):
-            step()
-        times = []
-        for _ in range(self.settings.model_steps):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                start = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        steps = dict(warmup=self.settings.model_warmup_steps, reps=self.settings.model_steps,
+                     min_reps=self.settings.model_steps)
+        if self.device.type == "cuda":
+            return timing.cuda_median_ms(step, **steps)
+        return timing.host_median_ms(step, **steps)
 
     def _cleanup(self):
         gc.collect()

@@ -32,8 +32,9 @@ from condlora_kernels import reference
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .` against the installed torch"
 
 
-def _load_extension():
-    """(module, None) when _C loads and matches the running torch, else (None, the reason)."""
+def load_extension():
+    """(module, None) when _C loads and matches the running torch, else (None, the reason). Run once at
+    import (`LOAD_ERROR`); public so that a test or a diagnosis can run it again."""
     try:
         from condlora_kernels import _C  # registers the torch.ops.condlora_C ops
     except ModuleNotFoundError as exc:
@@ -42,19 +43,19 @@ def _load_extension():
         return None, (f"condlora_kernels._C failed to load ({exc}); it was probably built against another torch "
                       f"(or another CUDA/CPU build of it) than the running {torch.__version__}: {_REBUILD}")
     built_for = getattr(_C, "torch_version", "unknown")
-    if _release(built_for) != _release(torch.__version__):  # it loaded, but its ABI may not match: refuse it
+    if torch_release(built_for) != torch_release(torch.__version__):  # it loaded, but its ABI may not match: refuse it
         return None, (f"condlora_kernels._C was built against torch {built_for} but torch {torch.__version__} is "
                       f"running: {_REBUILD}")
     return _C, None
 
 
-def _release(version: str):
+def torch_release(version: str):
     """(major, minor, patch) of a torch version string such as "2.14.1+cu130" or "2.15.0a0+git1234"."""
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
     return tuple(int(part) for part in match.groups()) if match else version
 
 
-_C, LOAD_ERROR = _load_extension()
+_C, LOAD_ERROR = load_extension()
 WITH_CUDA: bool = bool(getattr(_C, "with_cuda", False))
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -90,6 +91,37 @@ if _C is not None:
     @torch.library.register_fake("condlora_C::dropout_keep_mask")
     def _dropout_keep_mask_fake(seed, n_rows, n_cols, dropout_p):
         return seed.new_empty(n_rows, n_cols, dtype=torch.bool)
+
+    @torch.library.register_fake("condlora_C::prepare")
+    def _prepare_fake(weight, theta_a, theta_b, dtype, mode):
+        d_out, d_in = weight.shape
+        r = theta_a.shape[0]
+        cast = weight.dtype != dtype
+        return (weight.new_empty((d_out, d_in) if cast else (0, 0), dtype=dtype), weight.new_empty(r, d_in, dtype=dtype),
+                weight.new_empty(d_out, r, dtype=dtype))
+
+    @torch.library.register_fake("condlora_C::forward_ab")
+    def _forward_ab_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+    @torch.library.register_fake("condlora_C::backward_ab")
+    def _backward_ab_fake(grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode, theta_dtype, needs):
+        need_x, need_theta_a, need_theta_b, need_bias = needs
+        d_out, d_in = weight.shape
+        r = lora_a.shape[0]
+        theta_a_cols = d_in if mode == "paper" else d_out
+        return (x.new_empty(x.shape if need_x else (0,)),
+                x.new_empty((r, theta_a_cols) if need_theta_a else (0,), dtype=theta_dtype),
+                x.new_empty((r, d_in) if need_theta_b else (0,), dtype=theta_dtype),
+                x.new_empty((d_out,) if need_bias else (0,)))
+
+    @torch.library.register_fake("condlora_C::draw_seed")
+    def _draw_seed_fake(like):
+        return like.new_empty(1, dtype=torch.int64)
+
+    @torch.library.register_fake("condlora_C::linear")
+    def _linear_fake(x, weight, bias, theta_a, theta_b, scaling, dropout_p=0.0, mode="paper"):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from torch import nn
 from condlora_kernels import reference
 from condlora_kernels._validation import check_mode, check_rank
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 class CondLoRAGenerator(nn.Module):
     """Holds theta_a and theta_b, which generate every layer's A and B from that layer's W0.
@@ -19,6 +21,10 @@ class CondLoRAGenerator(nn.Module):
 
     Initialised as the paper's code does: theta_a kaiming-uniform (a=sqrt(5)), theta_b zeros, so that
     B = 0 and every layer starts exactly at its frozen weight.
+
+    The parameters are master weights: casting a model (or this module) to float16 or bfloat16 with
+    `.to(dtype)`, `.half()` or `.bfloat16()` leaves them in their precision (float32), while device moves and
+    other casts apply as usual; the layers cast them to the weight's dtype on each call (docs/design.md §8).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, mode: str = "paper", *,
@@ -38,6 +44,15 @@ class CondLoRAGenerator(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.theta_a, a=math.sqrt(5))
         nn.init.zeros_(self.theta_b)
+
+    def _apply(self, fn, recurse=True):
+        def keep_master_precision(t: torch.Tensor) -> torch.Tensor:
+            applied = fn(t)
+            if applied.dtype in HALF_DTYPES and t.dtype not in HALF_DTYPES:
+                return t.to(device=applied.device)  # from t, not from `applied`: no rounding through half
+            return applied
+
+        return super()._apply(keep_master_precision, recurse)
 
     def forward(self, weight: torch.Tensor):
         """(lora_a, lora_b) generated from `weight`, in weight's dtype (for inspection and merging)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -12,7 +14,7 @@ from torch import nn
 from condlora_kernels import reference
 from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
 from condlora_kernels.integrations import distributed  # imported with the package: it records DDP instances
-from condlora_kernels.modules.generator import CondLoRAGenerator
+from condlora_kernels.modules.generator import HALF_DTYPES, CondLoRAGenerator
 from condlora_kernels.ops.backends import check_backend_name
 from condlora_kernels.ops.condlora_linear import condlora_linear
 
@@ -26,16 +28,30 @@ def resolve_mode(mode: str, in_features: int, out_features: int) -> str:
 
 def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """Generators of half-precision models are kept in float32 (as PEFT keeps its adapters), cast per call."""
-    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+    return torch.float32 if weight_dtype in HALF_DTYPES else weight_dtype
+
+
+def check_alpha(alpha) -> float:
+    """alpha (scaling = alpha / r) must be a positive finite real number; returned as a Python int or float."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a positive finite real number (scaling = alpha / r), got {alpha!r} "
+                        f"of type {type(alpha).__name__}")
+    if not (math.isfinite(float(alpha)) and alpha > 0):
+        raise ValueError(f"alpha must be a positive finite real number (scaling = alpha / r), got {alpha!r}")
+    return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
 
 
 class FusedCondLoRALinear(nn.Module):
     """y = x W0^T + b + (alpha / r) * (dropout(x) A^T) B^T, with A, B generated from the frozen W0.
 
     Same call signature and attributes (`in_features`, `out_features`, `weight`, `bias`) as `nn.Linear`;
-    the weight and bias are frozen, the trainable parameters live in `generator`, which may be shared
-    with other layers (it is registered in each, and `model.parameters()` lists it once).
+    the weight and bias are frozen, the trainable parameters live in `generator`.
     Build one from an existing layer with `FusedCondLoRALinear.from_linear(linear, ...)`.
+
+    A layer built on its own owns its generator (a submodule: `layer.generator.theta_a` is in its state_dict).
+    In a model adapted by `apply_condlora` the generator is shared by every layer of its target and stored
+    once, at the model root (`model.condlora_generators[key]`); the layer keeps a plain reference to it,
+    read at each call, and `generator_key` names it (docs/design.md §8).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, alpha: float = 8,
@@ -54,20 +70,40 @@ class FusedCondLoRALinear(nn.Module):
     def _configure(self, r, alpha, dropout, generator, mode, backend):
         self.mode = resolve_mode(mode, self.in_features, self.out_features)
         self.r = check_rank(r)
-        self.alpha = alpha
+        self.alpha = check_alpha(alpha)
         self.dropout = check_dropout_p(dropout)
         self.backend = check_backend_name(backend)
         if generator is None:
             generator = CondLoRAGenerator(self.in_features, self.out_features, r, self.mode,
                                           device=self.weight.device, dtype=adapter_dtype(self.weight.dtype))
-        elif not generator.fits(self.in_features, self.out_features) or generator.r != r or generator.mode != self.mode:
-            raise ValueError(
-                f"generator ({generator.extra_repr()}) does not fit this layer: in_features={self.in_features}, "
-                f"out_features={self.out_features}, r={r}, mode={self.mode}")
+        else:
+            self.check_generator_fits(generator)
         self.generator = generator
-        self.generator_key: Optional[str] = None  # set by apply_condlora: the target name this generator serves
+        self.generator_key: Optional[str] = None  # the key at the model root when the generator is shared there
         self.merged = False
         self.register_buffer("_unmerged_weight", None, persistent=False)
+
+    def check_generator_fits(self, generator: CondLoRAGenerator) -> None:
+        if not isinstance(generator, CondLoRAGenerator):
+            raise TypeError(f"generator must be a CondLoRAGenerator, got {type(generator).__name__}")
+        if not generator.fits(self.in_features, self.out_features) or generator.r != self.r \
+                or generator.mode != self.mode:
+            raise ValueError(
+                f"generator ({generator.extra_repr()}) does not fit this layer: in_features={self.in_features}, "
+                f"out_features={self.out_features}, r={self.r}, mode={self.mode}")
+
+    def use_shared_generator(self, generator: CondLoRAGenerator, key: str) -> None:
+        """Use `generator`, stored by the model root under `key`, through a reference that is not a submodule:
+        each theta then appears once in the model's state_dict and parameters (docs/design.md §8)."""
+        self.check_generator_fits(generator)
+        self._modules.pop("generator", None)
+        object.__setattr__(self, "generator", generator)  # bypasses nn.Module.__setattr__, which would register it
+        self.generator_key = key
+
+    @property
+    def owns_generator(self) -> bool:
+        """True when the generator is this layer's submodule, False when the model root stores it."""
+        return "generator" in self._modules
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
@@ -85,6 +121,7 @@ class FusedCondLoRALinear(nn.Module):
         if module.bias is not None:
             module.bias.requires_grad_(False)
         module._configure(r, alpha, dropout, generator, mode, backend)
+        module.train(linear.training)  # a layer of a model in eval mode stays in eval mode (no dropout)
         return module
 
     @property
@@ -93,15 +130,25 @@ class FusedCondLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            self._refuse_training_while_merged()
             return F.linear(x, self.weight, self.bias)
         # recomputed inside a backward (activation checkpointing): refuse reentrant recomputation under DDP (§8)
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             distributed.check_recomputation(self)
-        dtype = self.weight.dtype
-        return condlora_linear(x, self.weight, self.bias, self.generator.theta_a.to(dtype),
-                               self.generator.theta_b.to(dtype), self.scaling,
+        # the generators go as they are (float32 masters of a half-precision layer): the op casts them per call
+        # and returns their gradients in their own dtype (docs/design.md §4)
+        generator = self.generator
+        return condlora_linear(x, self.weight, self.bias, generator.theta_a, generator.theta_b, self.alpha / self.r,
                                dropout_p=self.dropout if self.training else 0.0, mode=self.mode,
                                backend=self.backend)
+
+    def _refuse_training_while_merged(self) -> None:
+        if self.training and torch.is_grad_enabled() and (self.generator.theta_a.requires_grad
+                                                           or self.generator.theta_b.requires_grad):
+            raise RuntimeError(
+                "FusedCondLoRALinear is merged (its weight holds W0 + s*B*A), so its generator would get no "
+                "gradient: call unmerge() (or unmerge_adapters(model)) before training; for inference use "
+                "model.eval() or torch.no_grad()")
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -110,14 +157,24 @@ class FusedCondLoRALinear(nn.Module):
                                        self.scaling, self.mode) - self.weight.float()
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W0 <- W0 + s * B A (computed in float32), keeping W0 so that unmerge() restores it bit for bit."""
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + s * B A, computed in float32 and rounded once to the weight's dtype (a new tensor)."""
+        if self.merged:
+            return self.weight.detach().clone()
+        return reference.merged_weight(self.weight.detach(), self.generator.theta_a.detach(),
+                                       self.generator.theta_b.detach(), self.scaling, self.mode)
+
+    @torch.no_grad()
+    def merge(self, merged_weight: Optional[torch.Tensor] = None) -> None:
+        """W0 <- W0 + s * B A (computed in float32), keeping W0 so that unmerge() restores it bit for bit.
+        `merged_weight`: the result of merged_weight(), when the caller computed it already."""
         if self.merged:
             warnings.warn("FusedCondLoRALinear.merge(): already merged, nothing to do")
             return
+        if merged_weight is None:
+            merged_weight = self.merged_weight()
         self._unmerged_weight = self.weight.detach().clone()
-        self.weight.copy_(reference.merged_weight(self.weight, self.generator.theta_a, self.generator.theta_b,
-                                                  self.scaling, self.mode))
+        self.weight.copy_(merged_weight)
         self.merged = True
 
     @torch.no_grad()
@@ -130,20 +187,19 @@ class FusedCondLoRALinear(nn.Module):
         self._unmerged_weight = None
         self.merged = False
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W0 + s * B A (for export and inference without this package)."""
-        weight = self.weight if self.merged else reference.merged_weight(
-            self.weight.detach(), self.generator.theta_a.detach(), self.generator.theta_b.detach(), self.scaling,
-            self.mode)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
+    def to_linear(self, merged_weight: Optional[torch.Tensor] = None) -> nn.Linear:
+        """A plain, frozen nn.Linear holding W0 + s * B A (for export and inference without this package).
+        `merged_weight`: the result of merged_weight(), when the caller computed it already."""
+        if merged_weight is None:
+            merged_weight = self.merged_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(merged_weight, requires_grad=False)  # no initialisation to overwrite
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return linear
 
     def extra_repr(self) -> str:
+        shared = "" if self.owns_generator else f", generator={self.generator_key!r} (shared, at the model root)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, mode={self.mode}, "
-                f"backend={self.backend}, merged={self.merged}")
+                f"backend={self.backend}, merged={self.merged}{shared}")

@@ -16,7 +16,7 @@ The one autograd Function in `condlora_linear.py` drives all of them, so the cha
     cuda       C++/CUDA extension `condlora_kernels._C` (csrc/), CUDA tensors
     cpu        C++ extension `condlora_kernels._C` (csrc/), CPU tensors
 
-`auto` takes triton, then cuda, on CUDA tensors and cpu on CPU tensors; where none of them can run it
+`auto` takes cuda (the extension's op), then triton, on CUDA tensors and cpu on CPU tensors; where none of them can run it
 uses the reference and warns once, saying why. `CONDLORA_BACKEND=<name>` overrides `auto`.
 """
 
@@ -43,13 +43,22 @@ class CondLoRAFallbackWarning(UserWarning):
 
 
 class Backend:
-    """A named pair of forward/backward implementations, imported on first use from `module:attribute`."""
+    """A named pair of forward/backward implementations, imported on first use from `module:attribute`.
 
-    def __init__(self, name: str, location: str):
+    `native` backends (cpu, cuda) also run the whole layer as the extension's op `condlora_C::linear` (`linear`),
+    whose checks, autocast, dropout seed and autograd are in C++: one call from Python per forward and none per
+    backward (docs/design.md §4). The others go through the autograd Function of condlora_linear.py."""
+
+    def __init__(self, name: str, location: str, native: bool = False):
         self.name = name
+        self.native = native
         self._location = location
         self._impl = None
         self._import_error: Optional[str] = None
+
+    @property
+    def linear(self) -> Callable:
+        return native_linear_op()
 
     def _load(self):
         if self._impl is None and self._import_error is None:
@@ -92,7 +101,16 @@ BACKEND_IMPLS = {
     "cuda": "condlora_kernels.kernels.cpp:CudaBackend",
     "cpu": "condlora_kernels.kernels.cpp:CpuBackend",
 }
-BACKENDS = {name: Backend(name, location) for name, location in BACKEND_IMPLS.items()}
+BACKENDS = {name: Backend(name, location, native=name in ("cpu", "cuda")) for name, location in BACKEND_IMPLS.items()}
+
+
+def native_linear_op() -> Optional[Callable]:
+    """torch.ops.condlora_C.linear.default where the extension loaded, else None."""
+    if BACKENDS["cpu"]._load() is None:
+        return None
+    from condlora_kernels.kernels import cpp
+
+    return torch.ops.condlora_C.linear.default if cpp.LOAD_ERROR is None else None
 
 
 
@@ -136,7 +154,10 @@ def select_backend(requested: str, x: torch.Tensor) -> Backend:
             raise BackendUnavailableError(f"backend={requested!r} cannot run here: {reason}")
         return backend
 
-    candidates = ("triton", "cuda") if x.device.type == "cuda" else ("cpu",)
+    # On CUDA the extension's op first: on the H200 it was as fast as the Triton kernels or faster at every
+    # benchmarked shape of a training step (8192 x 768^2 r=8, Llama-7B-like projections, r=64) within the
+    # run-to-run spread, and its host cost per call is the lowest (benchmarks/NOTES.md, docs/design.md §4).
+    candidates = ("cuda", "triton") if x.device.type == "cuda" else ("cpu",)
     reasons = []
     for name in candidates:
         reason = BACKENDS[name].unavailable_reason(x)
@@ -146,6 +167,25 @@ def select_backend(requested: str, x: torch.Tensor) -> Backend:
     _warn_once(f"condlora_kernels: no fused backend can run on {x.device.type} tensors of dtype {x.dtype} "
                f"({'; '.join(reasons)}); using the reference backend, which is slower")
     return BACKENDS["reference"]
+
+
+_RESOLVED: dict = {}
+
+
+def resolve_backend(requested: str, x: torch.Tensor, weight: torch.Tensor) -> Backend:
+    """select_backend for a call, remembered per (request, CONDLORA_BACKEND, device, dtype, autocast dtype): the
+    per-call cost is one dictionary lookup. Bad names are refused on every call, before the lookup."""
+    override = os.environ.get("CONDLORA_BACKEND", "")
+    device = x.device
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (requested, override, device, x.dtype, autocast)
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        probe = x if autocast is None or x.dtype == torch.float64 or not x.is_floating_point() else \
+            torch.empty(0, device=device, dtype=autocast)
+        backend = select_backend(requested, probe)
+        _RESOLVED[key] = backend
+    return backend
 
 
 def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:

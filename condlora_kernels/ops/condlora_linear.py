@@ -2,21 +2,13 @@
 
     y = x W0^T + b + s * (dropout(x) A^T) B^T,   A, B generated from W0 by theta_a, theta_b
 
-The Function is written once for every backend (reference, triton, cuda, cpu: see backends.py).
-Its backward is hand-written; the chain rule (DESIGN.md §2), with x_hat = x * M / (1 - p), u = x_hat A^T:
-
-    v        = dy B                                  (N, r)
-    dx       = dy W0 + s * (v A) * M / (1 - p)        (N, d_in)
-    dA       = s * v^T x_hat                          (r, d_in)
-    dB       = s * dy^T u                             (d_out, r)
-    dtheta_b = dB^T W0                                (r, d_in)      B = W0 theta_b^T
-    dtheta_a = dA W0      (paper, A = theta_a W0^T)   (r, d)
-             | dA W0^T    (general, A = theta_a W0)   (r, d_out)
-    db       = sum_rows dy                            (d_out,)
-    dW0      = never (W0 is frozen)
-
-The dropout mask M is not stored: it is a function of a seed drawn from torch's RNG on x's device
-(so `torch.manual_seed` reproduces it) and the element's index, regenerated in the backward.
+Two routes, one contract (docs/design.md §4):
+  - the cpu and cuda backends run the whole layer as the extension's op `condlora_C::linear` (checks, autocast,
+    dropout seed and autograd in C++: one call from Python per forward, none per backward);
+  - the triton and reference backends go through `CondLoRALinearFunction` below, one autograd Function for both,
+    whose backward is each backend's hand-written implementation of the chain rule of docs/design.md §2.
+The dropout mask is not stored: it is a function of a seed drawn from torch's RNG on x's device (so
+`torch.manual_seed` reproduces it) and of the element's index, regenerated in the backward (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -26,7 +18,7 @@ from typing import Optional
 import torch
 
 from condlora_kernels._validation import check_condlora_args
-from condlora_kernels.ops.backends import BACKENDS, check_backend_name, select_backend
+from condlora_kernels.ops.backends import BACKENDS, native_linear_op, resolve_backend
 
 SEED_HIGH = 1 << 62  # seeds are drawn uniformly from [0, 2^62)
 
@@ -58,15 +50,28 @@ class CondLoRALinearFunction(torch.autograd.Function):
                 grads.grad_theta_b if need_tb else None, None, None, None, None, None)
 
 
-def _autocast_inputs(tensors):
-    """Cast floating inputs to the autocast dtype when autocast is on for their device, as F.linear would."""
-    x = tensors[0]
+def _autocast_inputs(x, weight, bias):
+    """Under autocast for x's device, x, weight and bias in the autocast dtype, as F.linear would cast them (float64
+    stays). The generators are cast later, to the compute dtype."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
-        return tensors
+        return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in tensors]
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (x, weight, bias))
+
+
+def _to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def draw_seed(x: torch.Tensor) -> torch.Tensor:
+    """A dropout seed: one int64 drawn from torch's RNG on x's device (so `torch.manual_seed` reproduces it).
+    Through the extension's op where it is built: torch.compile keeps that op as it is (it is tagged
+    nondeterministic_seeded), so compiled and eager runs draw the same masks (docs/design.md §3)."""
+    if native_linear_op() is not None:
+        return torch.ops.condlora_C.draw_seed.default(x)
+    return torch.randint(0, SEED_HIGH, (1,), device=x.device, dtype=torch.int64)
 
 
 def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], theta_a: torch.Tensor,
@@ -76,10 +81,13 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     Args:
         x: input of shape (..., d_in).
-        weight: the frozen W0, (d_out, d_in); it never gets a gradient (must not require grad).
-        bias: (d_out,) or None; gets a gradient when it requires grad.
-        theta_a: (r, d_in) in paper mode, (r, d_out) in general mode; shared by all layers of a module type.
-        theta_b: (r, d_in).
+        weight: the frozen W0, (d_out, d_in), in x's dtype (or a float32 master of a half-precision x); it never
+            gets a gradient (must not require grad).
+        bias: (d_out,) or None, dtype as weight; gets a gradient when it requires grad.
+        theta_a: (r, d_in) in paper mode, (r, d_out) in general mode; shared by all layers of a module type. Any
+            floating dtype (float32 masters of a half-precision layer are cast per call; the gradient comes back
+            in theta's dtype).
+        theta_b: (r, d_in), as theta_a.
         scaling: alpha / r.
         dropout_p: dropout probability on the low-rank path only (the frozen matmul sees x unchanged).
         mode: "paper" (A = theta_a W0^T, square W0, the paper's code) or "general" (A = theta_a W0, any W0).
@@ -88,13 +96,17 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Returns:
         y of shape x.shape[:-1] + (d_out,), in x's dtype (the autocast dtype under autocast).
     """
-    check_backend_name(backend)
-    x, weight, bias, theta_a, theta_b = _autocast_inputs([x, weight, bias, theta_a, theta_b])
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    chosen = resolve_backend(backend, x, weight)
+    if chosen.native:
+        # the extension's op: checks, autocast, dropout seed and autograd in C++ (docs/design.md §4)
+        return chosen.linear(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
-    chosen = select_backend(backend, x)
-    seed = None
-    if dropout_p > 0.0:
-        seed = torch.randint(0, SEED_HIGH, (1,), device=x.device, dtype=torch.int64)
+    dtype = x.dtype
+    weight, bias, theta_a, theta_b = (_to(t, dtype) for t in (weight, bias, theta_a, theta_b))
+    seed = draw_seed(x) if dropout_p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
         return CondLoRALinearFunction.apply(x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p),
                                             seed, mode, chosen.name)

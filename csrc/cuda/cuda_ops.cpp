@@ -41,20 +41,11 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 const int64_t* seed_pointer(const at::Tensor& seed) { return seed.data_ptr<int64_t>(); }
 
 // Without dropout the reductions over tokens are plain GEMMs with a long K (dA = s v^T x, dB^T = s u^T dy), which
-// cuBLAS runs near the memory bandwidth; the hand-written token_reduce pass pays off where it saves a pass, when
-// it draws the dropout mask once for both dA and dx. CONDLORA_CUDA_PLAN=fused sends every case to token_reduce
-// (and the frozen GEMM first), for comparison in benchmarks/cuda_explore.py.
-bool fused_plan() {
-  static const bool fused = [] {
-    const char* plan = std::getenv("CONDLORA_CUDA_PLAN");
-    return plan != nullptr && std::string(plan) == "fused";
-  }();
-  return fused;
-}
+// cuBLAS runs near the memory bandwidth; the hand-written token_reduce pass pays off where it saves a pass, when it
+// draws the dropout mask once for both dA and dx (measured on the H100: benchmarks/NOTES.md, CUDA backend v2).
+bool gemm_reductions(int64_t r, double p) { return r > cuda::kMaxFusedRank || p == 0.0; }
 
-bool gemm_reductions(int64_t r, double p) { return r > cuda::kMaxFusedRank || (p == 0.0 && !fused_plan()); }
-
-bool lowrank_first_cuda(double p) { return p == 0.0 && !fused_plan(); }
+bool lowrank_first_cuda(double p) { return p == 0.0; }
 
 // x_hat = x * M / (1 - p), one Philox call per 8 elements (1 - p as quantised in philox.h).
 at::Tensor dropout_scaled_copy(const at::Tensor& x, const at::Tensor& seed, double p) {
@@ -142,7 +133,7 @@ void x_pass_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& lor
 }
 
 // The backward's reductions over dy: dB^T = s u^T dy and db = sum over rows of dy. As two cuBLAS/ATen passes
-// (measured faster than token_reduce's single read of dy, NOTES.md), or token_reduce under CONDLORA_CUDA_PLAN=fused.
+// (measured faster than token_reduce's single read of dy, benchmarks/NOTES.md).
 void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling, const at::Tensor& grad_b_t,
                   const at::Tensor& grad_bias) {
   if (gemm_reductions(u.size(1), 0.0)) {
@@ -154,8 +145,31 @@ void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling,
   token_reduce(grad_y, u, std::nullopt, 0.0, at::Tensor(), 1.0, at::Tensor(), grad_b_t, scaling, grad_bias);
 }
 
+// Paper mode's generation in one pass over W0 (kernels.cu): for layers whose theta ([theta_a; theta_b], 2r x d)
+// stays in a multiprocessor's L1 cache, where the pass is bound by reading W0; the others take the cast and a GEMM.
+bool prepare_cuda(const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
+                  const at::Tensor& weight_out, const at::Tensor& lora_a, const at::Tensor& lora_b) {
+  // Inside a CUDA graph capture a launch costs no host time, and the cuBLAS path has less GPU time at small
+  // shapes (8192 x 768^2 r=8 on the H200: 43 against 85 us per forward, benchmarks/NOTES.md); outside one, the
+  // launches saved are host time saved (eager step 739 against 950 us).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(current_stream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
+  const int64_t r = theta_a.size(0), d = weight.size(1);
+  if (theta_a.scalar_type() != theta_b.scalar_type() ||
+      !cuda::prepare_supported(kernel_dtype(weight), kernel_dtype(theta_b), kernel_dtype(lora_a), static_cast<int>(r), d)) {
+    return false;
+  }
+  const at::Tensor& ta = theta_a;
+  C10_CUDA_CHECK(cuda::launch_prepare(kernel_dtype(weight), kernel_dtype(theta_b), kernel_dtype(lora_a),
+                                      weight.data_ptr(), ta.data_ptr(), theta_b.data_ptr(), d, static_cast<int>(r),
+                                      weight_out.defined() ? weight_out.data_ptr() : nullptr, lora_a.data_ptr(),
+                                      lora_b.data_ptr(), current_stream()));
+  return true;
+}
+
 const DeviceKernels kCudaKernels{dropout_project_cuda, x_pass_cuda, dy_pass_cuda, lowrank_first_cuda,
-                                  /*token_reductions=*/nullptr};
+                                  /*token_reductions=*/nullptr, prepare_cuda};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The ops for the CUDA dispatch key. The dispatcher does not switch devices for custom ops: each op sets the device
@@ -192,6 +206,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                            seed, mode, needs);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_cuda_op(const at::Tensor& weight, const at::Tensor& theta_a,
+                                                               const at::Tensor& theta_b, at::ScalarType dtype,
+                                                               const std::string& mode) {
+  const c10::OptionalDeviceGuard guard(cuda_device_of(weight));
+  return condlora_prepare(kCudaKernels, weight, theta_a, theta_b, dtype, mode);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_ab_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                                   const at::Tensor& lora_b, double scaling, double dropout_p,
+                                                   const std::optional<at::Tensor>& seed) {
+  const c10::OptionalDeviceGuard guard(cuda_device_of(x));
+  return condlora_forward_ab(kCudaKernels, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_ab_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& seed, const std::string& mode, at::ScalarType theta_dtype,
+    std::array<bool, 4> needs) {
+  const c10::OptionalDeviceGuard guard(cuda_device_of(x));
+  return condlora_backward_ab(kCudaKernels, grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode,
+                              theta_dtype, needs);
+}
+
 at::Tensor dropout_keep_mask_cuda(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p) {
   check_mask_args(seed, n_rows, n_cols, dropout_p);
   const c10::OptionalDeviceGuard guard(cuda_device_of(seed));
@@ -210,4 +249,7 @@ TORCH_LIBRARY_IMPL(condlora_C, CUDA, m) {
   m.impl("forward", &condlora::forward_cuda);
   m.impl("backward", &condlora::backward_cuda);
   m.impl("dropout_keep_mask", &condlora::dropout_keep_mask_cuda);
+  m.impl("prepare", &condlora::prepare_cuda_op);
+  m.impl("forward_ab", &condlora::forward_ab_cuda);
+  m.impl("backward_ab", &condlora::backward_ab_cuda);
 }

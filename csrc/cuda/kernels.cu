@@ -311,6 +311,64 @@ cudaError_t with_token_reduce_kernel(DType dtype, int r, Fn&& fn) {
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Paper mode's generation (see launch_prepare in kernels.cuh): A^T and B are both W0 [theta_a; theta_b]^T row by row
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kPrepareWarps = 8;                   // rows of W0 per block, one warp each
+constexpr int64_t kPrepareThetaElements = 24576;   // 2r * d: 96 KiB of float32 theta, read from L1
+
+template <typename TW, typename TT, typename TO, int R2>
+__global__ void __launch_bounds__(kPrepareWarps * 32) prepare_kernel(const TW* __restrict__ weight,
+                                                                     const TT* __restrict__ theta_a,
+                                                                     const TT* __restrict__ theta_b, int64_t d, int r,
+                                                                     TO* __restrict__ weight_out,
+                                                                     TO* __restrict__ lora_a,
+                                                                     TO* __restrict__ lora_b) {
+  using acc = acc_t<TW>;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kPrepareWarps + threadIdx.x / 32;
+  if (row >= d) return;
+  acc sums[R2];  // [0, r): row `row` of A^T, [r, 2r): row `row` of B; the rest stays zero
+#pragma unroll
+  for (int k = 0; k < R2; ++k) sums[k] = 0;
+  const TW* w_row = weight + row * d;
+  for (int64_t c = lane; c < d; c += 32) {
+    const acc w = to_acc(w_row[c]);
+    if (weight_out != nullptr) weight_out[row * d + c] = from_acc<TO>(w);
+#pragma unroll
+    for (int k = 0; k < R2; ++k) {
+      if (k < 2 * r) sums[k] += static_cast<acc>(to_acc(k < r ? theta_a[k * d + c] : theta_b[(k - r) * d + c])) * w;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < R2; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sums[k] += __shfl_down_sync(0xffffffffu, sums[k], offset);
+  }
+  if (lane == 0) {
+    for (int k = 0; k < r; ++k) {
+      lora_a[k * d + row] = from_acc<TO>(sums[k]);
+      lora_b[row * r + k] = from_acc<TO>(sums[r + k]);
+    }
+  }
+}
+
+template <typename TW, typename TT, typename TO>
+cudaError_t launch_prepare_typed(const void* weight, const void* theta_a, const void* theta_b, int64_t d, int r,
+                                 void* weight_out, void* lora_a, void* lora_b, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(ceil_div(d, kPrepareWarps));
+  auto run = [&](auto kernel) {
+    kernel<<<blocks, kPrepareWarps * 32, 0, stream>>>(
+        static_cast<const TW*>(weight), static_cast<const TT*>(theta_a), static_cast<const TT*>(theta_b), d, r,
+        static_cast<TO*>(weight_out), static_cast<TO*>(lora_a), static_cast<TO*>(lora_b));
+    return cudaGetLastError();
+  };
+  if (2 * r <= 16) return run(prepare_kernel<TW, TT, TO, 16>);
+  return run(prepare_kernel<TW, TT, TO, 32>);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -373,6 +431,42 @@ cudaError_t launch_sum_partials(DType dtype, const void* partial, int splits, in
     sum_partials_kernel<T><<<elementwise_blocks(m), kElementwiseThreads, 0, stream>>>(
         static_cast<const acc_t<T>*>(partial), splits, m, static_cast<acc_t<T>>(scale), static_cast<T*>(out));
     return cudaGetLastError();
+  });
+}
+
+bool prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dtype, int r, int64_t d) {
+  if (r < 1 || 2 * r > 32 || 2 * static_cast<int64_t>(r) * d > kPrepareThetaElements) return false;
+  if (ceil_div(d, kPrepareWarps) > (int64_t(1) << 31) - 1) return false;
+  // the pairs that occur: float32 masters (weight and theta) of any output dtype, a half-precision layer with
+  // float32 generators, or one dtype throughout
+  const bool float_masters = weight_dtype == DType::kFloat && theta_dtype == DType::kFloat && out_dtype != DType::kDouble;
+  const bool half_layer = weight_dtype == out_dtype && theta_dtype == DType::kFloat &&
+                          (out_dtype == DType::kHalf || out_dtype == DType::kBFloat16);
+  const bool one_dtype = weight_dtype == out_dtype && theta_dtype == out_dtype;
+  return float_masters || half_layer || one_dtype;
+}
+
+cudaError_t launch_prepare(DType weight_dtype, DType theta_dtype, DType out_dtype, const void* weight,
+                           const void* theta_a, const void* theta_b, int64_t d, int r, void* weight_out, void* lora_a,
+                           void* lora_b, cudaStream_t stream) {
+  if (!prepare_supported(weight_dtype, theta_dtype, out_dtype, r, d)) return cudaErrorInvalidValue;
+  if (d == 0) return cudaSuccess;
+  if (weight_dtype == DType::kFloat && theta_dtype == DType::kFloat) {
+    return dispatch_dtype(out_dtype, [&](auto out_tag) {
+      using TO = decltype(out_tag);
+      return launch_prepare_typed<float, float, TO>(weight, theta_a, theta_b, d, r, weight_out, lora_a, lora_b, stream);
+    });
+  }
+  if (theta_dtype == DType::kFloat && out_dtype == DType::kHalf) {
+    return launch_prepare_typed<__half, float, __half>(weight, theta_a, theta_b, d, r, weight_out, lora_a, lora_b, stream);
+  }
+  if (theta_dtype == DType::kFloat && out_dtype == DType::kBFloat16) {
+    return launch_prepare_typed<__nv_bfloat16, float, __nv_bfloat16>(weight, theta_a, theta_b, d, r, weight_out, lora_a,
+                                                                    lora_b, stream);
+  }
+  return dispatch_dtype(out_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return launch_prepare_typed<T, T, T>(weight, theta_a, theta_b, d, r, weight_out, lora_a, lora_b, stream);
   });
 }
 

@@ -1,18 +1,20 @@
 """Fused Triton kernels for CondLoRA: the whole forward in one launch, the whole backward in one launch.
 
-Contents, top to bottom: jit helpers (dropout mask, dependency flags, tile schedule), the forward
-kernel, the backward kernel, the launchers (sizes, configs, workspaces), the torch.library
-registration (`triton_op` + `wrap_triton`, so torch.compile traces them), and `TritonBackend`, which
-the autograd Function in ops/condlora_linear.py calls.
+Read top to bottom: the jit helpers (dropout mask, dependency flags, tile schedule), the forward kernel
+and its launcher `condlora_forward_launch`, the backward kernel and its launcher
+`condlora_backward_launch`, the torch.library registration (opaque custom ops that compiled graphs
+call with real tensors), and `TritonBackend`, which the autograd Function in ops/condlora_linear.py
+calls. How a launch is configured (tiles, programs, helpers, slots, autotuning) is in config.py and
+autotune.py, what it needs at run time (flags, descriptors, the launch) in runtime.py.
 
 Notation: N tokens (rows of x), d_in, d_out, rank r (padded to R_PAD >= 16 for tl.dot), s = alpha / r,
 x_hat = dropout(x), A = lora_a (r, d_in), B = lora_b (d_out, r), u = x_hat A^T (N, r).
 
-Design: one persistent launch per direction, with a grid of at most one program per SM, all resident
-at once. A tile that needs another's result spins on a flag in global memory (acquire) that the
-producer sets after its stores (barrier, then release); every wait points to work that no waiting
-program stands in front of, so the launch cannot deadlock. Under TRITON_INTERPRET programs run one
-after another, so P = 1 there and each program does its phases in turn.
+Design (docs/design.md §5): one persistent launch per direction, with a grid of at most one program
+per SM, all resident at once. A tile that needs another's result spins on a flag in global memory
+(acquire) that the producer sets after its stores (barrier, then release); every wait points to work
+that no waiting program stands in front of, so the launch cannot deadlock. Under TRITON_INTERPRET
+programs run one after another, so P = 1 there and each program does its phases in turn.
 
 Forward (y = x W0^T + b + s u B^T): a list of tiles in which each depends only on earlier ones; program
 p takes tiles p, p + P, p + 2P, ...
@@ -26,14 +28,12 @@ the U tiles of group g + 1 are listed before the Y tiles of group g, so they run
 rank-r work thus happens once per row block (U) and once per weight row block (GEN), not once per
 output tile.
 
-Backward, chain rule (DESIGN.md §2):  v = dy B;  dx = dy W0 + s (v A) * M/(1-p);  dA = s v^T x_hat;
-dB = s dy^T u;  dtheta_b = dB^T W0;  dtheta_a = dA W0 (paper) | dA W0^T (general);  db = sum_rows dy.
-Roles instead of one list: a few *helper* programs do the rank-r work row block by row block, the
+Backward: the chain rule of docs/design.md §2 (v, dx, dA, dB, dtheta, db). Roles instead of one list: a few *helper* programs do the rank-r work row block by row block, the
 other *worker* programs run the input-gradient GEMM in a flattened loop, then all share the tail.
     helper, row block m   one pass over dy[m]: v[m] = dy[m] B (stored as s v[m] and published at once),
                           the partial sums s dy[m]^T u[m] (of dB) and sum_rows dy[m] (of db); then one
                           pass over x[m]: the partial sum (s v[m])^T x_hat[m] (of dA). A helper starts
-                          row block m only while within LOOKAHEAD_GROUPS groups of the workers.
+                          row block m only while within `lookahead` groups of the workers.
     worker, DX(m, k)      dy[m] W0[:, k] (TMA main loop where the tensors allow); the epilogue waits for
                           v[m] and adds (s v[m]) A[:, k] times the mask.
     all, RED              sums the S slots in a fixed order into dA, dB (float32) and db.
@@ -48,17 +48,18 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
+import types
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from condlora_kernels import reference
-from condlora_kernels.kernels.triton import autotune
+from condlora_kernels.kernels.triton import autotune, runtime
+from condlora_kernels.kernels.triton import config as launch_config
+from condlora_kernels.kernels.triton.config import BackwardConfig, ForwardConfig
 
 # ==================================================================================================
 # jit helpers
@@ -81,12 +82,13 @@ def _philox(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _dropout_keep(seed_lo, seed_hi, rows, col_start, d_in, drop_threshold,
-                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def dropout_keep(seed_lo, seed_hi, rows, col_start, d_in, drop_threshold,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Keep mask of the tile x[rows, col_start : col_start + BLOCK_C] (col_start a multiple of 8).
 
-    As reference.dropout_draws: element (row, col) takes half-word col % 8 of the Philox counter
-    row * ceil(d_in / 8) + col // 8, so one Philox call serves 8 elements; keep when draw >= threshold.
+    As reference.dropout_draws (docs/design.md §3): element (row, col) takes half-word col % 8 of the
+    Philox counter row * ceil(d_in / 8) + col // 8, so one Philox call serves 8 elements; keep when
+    draw >= threshold.
     """
     groups = (d_in + 7) // 8
     counter = rows[:, None].to(tl.int64) * groups + (col_start // 8 + tl.arange(0, BLOCK_C // 8))[None, :]
@@ -103,10 +105,10 @@ def _dropout_keep(seed_lo, seed_hi, rows, col_start, d_in, drop_threshold,
 
 
 @triton.jit
-def _load_seed(seed_ptr):
+def load_seed(seed_ptr):
+    """The dropout seed (one int64 in device memory) as the Philox key's two uint32 halves."""
     seed = tl.load(seed_ptr)
     return seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
-
 
 @triton.jit
 def _mma(a, b, acc, zero, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
@@ -193,16 +195,20 @@ def _store_tile(desc, ptr, acc, m, n, rows, cols, n_rows, n_cols, stride_r, stri
                  mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
 
 
+
 # ==================================================================================================
-# forward kernel
+# forward: kernel and launcher
 # ==================================================================================================
 
 
 @triton.jit
-def _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr, tile, d_in, d_out, rank,
-                  stride_wn, stride_wk, stride_ta, stride_tb, zero,
-                  MODE_PAPER: tl.constexpr, GEN_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                  R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
+def _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr,  # W0, theta_a, theta_b in; A, B out
+                  tile, d_in, d_out, rank,
+                  stride_wn, stride_wk, stride_ta, stride_tb,
+                  zero,
+                  MODE_PAPER: tl.constexpr,
+                  GEN_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """B[rows] = W0[rows] theta_b^T; in paper mode also A^T[rows] = W0[rows] theta_a^T (same W0 tiles)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32  # f64: gradcheck only
     rows = tile * GEN_BLOCK + tl.arange(0, GEN_BLOCK)
@@ -227,7 +233,10 @@ def _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr, tile, d_in, d_out, rank,
 
 
 @triton.jit
-def _fwd_gen_cols(w_ptr, ta_ptr, a_ptr, tile, d_in, d_out, rank, stride_wn, stride_wk, stride_ta, zero,
+def _fwd_gen_cols(w_ptr, ta_ptr, a_ptr,  # W0, theta_a in; A out
+                  tile, d_in, d_out, rank,
+                  stride_wn, stride_wk, stride_ta,
+                  zero,
                   GEN_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """General mode: A^T[cols] = W0[:, cols]^T theta_a^T, a reduction over the d_out rows of W0."""
@@ -248,13 +257,16 @@ def _fwd_gen_cols(w_ptr, ta_ptr, a_ptr, tile, d_in, d_out, rank, stride_wn, stri
 
 
 @triton.jit
-def _fwd_u_tile(x_ptr, a_ptr, u_ptr, m, n_rows, d_in, rank, stride_xm, stride_xk,
+def _fwd_u_tile(x_ptr, a_ptr, u_ptr,  # x, A in; u out
+                m, n_rows, d_in, rank,
+                stride_xm, stride_xk,
                 seed_lo, seed_hi, drop_threshold, keep_scale, zero,
-                HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, R_PAD: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """u[rows] = x_hat[rows] A^T, stored in x's dtype (the backward and the Y epilogues read it back).
-    A helper streams its row block of x alone: wide chunks, deeply pipelined, keep enough bytes in
-    flight for one SM to read fast."""
+    The program streams its row block of x alone, a group ahead of the Y tiles that share x's tiles in
+    L2: wide chunks, deeply pipelined, keep enough bytes in flight for one SM to read fast."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
@@ -266,7 +278,7 @@ def _fwd_u_tile(x_ptr, a_ptr, u_ptr, m, n_rows, d_in, rank, stride_xm, stride_xk
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=(rows[:, None] < n_rows) & (ks[None, :] < d_in),
                     other=0.0)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed_lo, seed_hi, rows, k0, d_in, drop_threshold, BLOCK_M, BLOCK_K)
+            keep = dropout_keep(seed_lo, seed_hi, rows, k0, d_in, drop_threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x.to(ACC) * keep_scale, 0.0).to(x.dtype)
         # A was written in this launch by other programs: read through L2 (.cg), never a stale L1 line
         a_t = tl.load(a_ptr + ranks[None, :] * d_in + ks[:, None], mask=(ks[:, None] < d_in) & (ranks[None, :] < rank),
@@ -277,11 +289,16 @@ def _fwd_u_tile(x_ptr, a_ptr, u_ptr, m, n_rows, d_in, rank, stride_xm, stride_xk
 
 
 @triton.jit
-def _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, x_desc, w_desc, y_desc, u_ready_ptr, m, n,
-                n_rows, d_in, d_out, rank, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-                scaling, zero, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                SPLIT_ACC: tl.constexpr):
+def _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,  # x, W0, b, u, B in; y out
+                x_desc, w_desc, y_desc,  # the same through TMA descriptors (USE_TMA)
+                u_ready_ptr,  # flag of row block m's u
+                m, n,
+                n_rows, d_in, d_out, rank,
+                stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                scaling, zero,
+                HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """y[m, n] = x[m] W0[n]^T + (s u[m]) B[n]^T + b[n]. With USE_TMA the main loop's tiles come through
     tensor descriptors (the copy engine, zero-filled past the edges) and y leaves through one."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -315,20 +332,66 @@ def _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, x_desc, w_desc, y_d
     acc = tl.dot(u_scaled, b_t, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < d_out, other=0.0).to(ACC)[None, :]
-    _store_tile(y_desc, y_ptr, acc, m, n, rows, cols, n_rows, d_out, stride_ym, stride_yn, BLOCK_M, BLOCK_N, USE_TMA)
+    _store_tile(desc=y_desc, ptr=y_ptr, acc=acc, m=m, n=n, rows=rows, cols=cols, n_rows=n_rows, n_cols=d_out,
+                stride_r=stride_ym, stride_c=stride_yn, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA)
 
 
 @triton.jit
-def _condlora_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, ta_ptr, tb_ptr, y_ptr, u_ptr, a_ptr, b_ptr, flags_ptr, seed_ptr,
-    x_desc, w_desc, y_desc,
-    n_rows, d_in, d_out, rank,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ta, stride_tb, stride_ym, stride_yn,
-    scaling, keep_scale, drop_threshold, num_programs, zero,
-    MODE_PAPER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GEN_BLOCK: tl.constexpr, HELPER_BLOCK_K: tl.constexpr, HELPER_STAGES: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr, FLAG_BLOCK: tl.constexpr,
+def condlora_forward_kernel(
+    # tensors
+    x_ptr,  # x (N, d_in)
+    w_ptr,  # W0 (d_out, d_in)
+    bias_ptr,  # b (d_out,); a placeholder without HAS_BIAS
+    ta_ptr,  # theta_a, contiguous rows
+    tb_ptr,  # theta_b (r, d_in), contiguous rows
+    y_ptr,  # out: y (N, d_out)
+    u_ptr,  # out: u (N, r), contiguous
+    a_ptr,  # out: A (r, d_in), contiguous
+    b_ptr,  # out: B (d_out, r), contiguous
+    flags_ptr,  # int32 dependency flags, zero on entry and on exit
+    seed_ptr,  # int64 dropout seed; a placeholder without HAS_DROPOUT
+    # TMA descriptors of x, W0, y (placeholders without USE_TMA)
+    x_desc,
+    w_desc,
+    y_desc,
+    # sizes
+    n_rows,
+    d_in,
+    d_out,
+    rank,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ta,
+    stride_tb,
+    stride_ym,
+    stride_yn,
+    # scalars
+    scaling,  # s = alpha / r
+    keep_scale,  # 1 / (1 - p) of the quantised dropout p
+    drop_threshold,  # 16-bit draws below it are dropped
+    num_programs,  # the grid: programs take tiles p, p + num_programs, ...
+    zero,  # a runtime 0.0 (see _mma)
+    # switches
+    MODE_PAPER: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    GEN_BLOCK: tl.constexpr,  # rows (columns) of W0 per GEN tile
+    HELPER_BLOCK_K: tl.constexpr,  # chunk width of the U tiles' loop over x
+    HELPER_STAGES: tl.constexpr,  # its pipeline depth
+    R_PAD: tl.constexpr,
+    # precision and bookkeeping
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_ACC: tl.constexpr,  # float32: sum each BLOCK_K slice on its own (see _mma)
+    FLAG_BLOCK: tl.constexpr,
 ):
     """Persistent forward: GEN tiles, then U heads one group ahead of their Y tiles, all programs taking
     tiles in turn. flags: [0] finished programs, [1] finished GEN tiles, [2 + m] U(m) done.
@@ -347,43 +410,127 @@ def _condlora_fwd_kernel(
     seed_lo = 0
     seed_hi = 0
     if HAS_DROPOUT:
-        seed_lo, seed_hi = _load_seed(seed_ptr)
+        seed_lo, seed_hi = load_seed(seed_ptr)
 
     for t in range(tl.program_id(0), num_tiles, num_programs):
         if t < num_gen:
             if t < num_gen_rows:
-                _fwd_gen_rows(w_ptr, ta_ptr, tb_ptr, a_ptr, b_ptr, t, d_in, d_out, rank, stride_wn, stride_wk,
-                              stride_ta, stride_tb, zero, MODE_PAPER, GEN_BLOCK, BLOCK_K, R_PAD, DOT_PRECISION,
-                              SPLIT_ACC)
+                _fwd_gen_rows(w_ptr=w_ptr, ta_ptr=ta_ptr, tb_ptr=tb_ptr, a_ptr=a_ptr, b_ptr=b_ptr,
+                              tile=t, d_in=d_in, d_out=d_out, rank=rank,
+                              stride_wn=stride_wn, stride_wk=stride_wk, stride_ta=stride_ta, stride_tb=stride_tb,
+                              zero=zero, MODE_PAPER=MODE_PAPER, GEN_BLOCK=GEN_BLOCK, BLOCK_K=BLOCK_K, R_PAD=R_PAD,
+                              DOT_PRECISION=DOT_PRECISION, SPLIT_ACC=SPLIT_ACC)
             else:
-                _fwd_gen_cols(w_ptr, ta_ptr, a_ptr, t - num_gen_rows, d_in, d_out, rank, stride_wn, stride_wk,
-                              stride_ta, zero, GEN_BLOCK, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
+                _fwd_gen_cols(w_ptr=w_ptr, ta_ptr=ta_ptr, a_ptr=a_ptr,
+                              tile=t - num_gen_rows, d_in=d_in, d_out=d_out, rank=rank,
+                              stride_wn=stride_wn, stride_wk=stride_wk, stride_ta=stride_ta,
+                              zero=zero, GEN_BLOCK=GEN_BLOCK, BLOCK_K=BLOCK_K, R_PAD=R_PAD,
+                              DOT_PRECISION=DOT_PRECISION, SPLIT_ACC=SPLIT_ACC)
             _signal(gen_done_ptr)
         else:
             kind, m, n = _lookahead_tile(t - num_gen, num_m, num_n, GROUP_M)
             if kind == 0:
                 _wait_at_least(gen_done_ptr, num_gen)
-                _fwd_u_tile(x_ptr, a_ptr, u_ptr, m, n_rows, d_in, rank, stride_xm, stride_xk, seed_lo, seed_hi,
-                            drop_threshold, keep_scale, zero, HAS_DROPOUT, BLOCK_M, HELPER_BLOCK_K, HELPER_STAGES,
-                            R_PAD, DOT_PRECISION, SPLIT_ACC)
+                _fwd_u_tile(x_ptr=x_ptr, a_ptr=a_ptr, u_ptr=u_ptr,
+                            m=m, n_rows=n_rows, d_in=d_in, rank=rank,
+                            stride_xm=stride_xm, stride_xk=stride_xk,
+                            seed_lo=seed_lo, seed_hi=seed_hi, drop_threshold=drop_threshold, keep_scale=keep_scale,
+                            zero=zero, HAS_DROPOUT=HAS_DROPOUT,
+                            BLOCK_M=BLOCK_M, BLOCK_K=HELPER_BLOCK_K, STAGES=HELPER_STAGES, R_PAD=R_PAD,
+                            DOT_PRECISION=DOT_PRECISION, SPLIT_ACC=SPLIT_ACC)
                 _signal(u_ready_ptr + m)
             elif kind == 1:
-                _fwd_y_tile(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr, x_desc, w_desc, y_desc, u_ready_ptr, m, n,
-                            n_rows, d_in, d_out, rank, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-                            scaling, zero, HAS_BIAS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION,
-                            SPLIT_ACC)
+                _fwd_y_tile(x_ptr=x_ptr, w_ptr=w_ptr, bias_ptr=bias_ptr, u_ptr=u_ptr, b_ptr=b_ptr, y_ptr=y_ptr,
+                            x_desc=x_desc, w_desc=w_desc, y_desc=y_desc, u_ready_ptr=u_ready_ptr,
+                            m=m, n=n, n_rows=n_rows, d_in=d_in, d_out=d_out, rank=rank,
+                            stride_xm=stride_xm, stride_xk=stride_xk, stride_wn=stride_wn, stride_wk=stride_wk,
+                            stride_ym=stride_ym, stride_yn=stride_yn,
+                            scaling=scaling, zero=zero, HAS_BIAS=HAS_BIAS, USE_TMA=USE_TMA,
+                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, R_PAD=R_PAD,
+                            DOT_PRECISION=DOT_PRECISION, SPLIT_ACC=SPLIT_ACC)
     _exit_and_reset_flags(flags_ptr, 2 + num_m, num_programs, FLAG_BLOCK)
 
 
+def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float, dropout_p: float,
+                            seed: Optional[torch.Tensor], paper_mode: bool, *,
+                            config: Optional[ForwardConfig] = None):
+    """Allocate y, u, A, B and run the persistent forward kernel. Returns (y, u, lora_a, lora_b).
+
+    `config` (config.ForwardConfig) fixes the launch: its tile and main loop, the heuristic's where a
+    field is None, and nothing is tuned (for kernel development: tools/explore.py sweeps it). Without
+    it, the autotuned configuration (autotune.py), or the heuristic one where tuning is off."""
+    n_rows, d_in = x2d.shape
+    d_out = weight.shape[0]
+    rank = theta_b.shape[0]
+    r_pad = launch_config.r_pad(rank)
+    device, dtype = x2d.device, x2d.dtype
+    y = torch.empty((n_rows, d_out), device=device, dtype=dtype)
+    u = torch.empty((n_rows, rank), device=device, dtype=dtype)
+    lora_a = torch.empty((rank, d_in), device=device, dtype=dtype)
+    lora_b = torch.empty((d_out, rank), device=device, dtype=dtype)
+    theta_a = theta_a.contiguous()
+    theta_b = theta_b.contiguous()
+    gen_block = launch_config.side_block()
+    num_gen = triton.cdiv(d_out, gen_block) + (0 if paper_mode else triton.cdiv(d_in, gen_block))
+    use_tma = launch_config.use_tma(n_rows * d_in * d_out, x2d, weight, y,
+                                    requested=config.use_tma if config else None) and n_rows > 0
+    switches = launch_config.forward_switches(paper_mode=paper_mode, has_bias=bias is not None,
+                                              has_dropout=dropout_p > 0.0, use_tma=use_tma, dtype=dtype)
+
+    def run(cfg: ForwardConfig, quiet: bool = False) -> None:
+        """One launch with configuration `cfg`; it writes y, u, A and B completely."""
+        tile = cfg.tile
+        num_m = triton.cdiv(n_rows, tile.block_m)
+        num_heads = (triton.cdiv(num_m, tile.group_m) + 1) * tile.group_m  # _lookahead_tile's U slots
+        num_tiles = num_gen + num_heads + num_m * triton.cdiv(d_out, tile.block_n)
+        num_programs = launch_config.num_programs(device, num_tiles)
+        flags = runtime.flags(2 + num_m, x2d)
+        seed_t, keep_scale, threshold = runtime.dropout_args(seed, dropout_p, flags)
+        if use_tma:
+            descs = dict(x_desc=runtime.descriptor(x2d, (tile.block_m, tile.block_k)),
+                         w_desc=runtime.descriptor(weight, (tile.block_n, tile.block_k)),
+                         y_desc=runtime.descriptor(y, (tile.block_m, tile.block_n)))
+        else:  # placeholders: USE_TMA=False keeps the kernel from touching them
+            descs = dict(x_desc=x2d, w_desc=weight, y_desc=y)
+        args = dict(x_ptr=x2d, w_ptr=weight, bias_ptr=bias if bias is not None else y, ta_ptr=theta_a, tb_ptr=theta_b,
+                    y_ptr=y, u_ptr=u, a_ptr=lora_a, b_ptr=lora_b, flags_ptr=flags, seed_ptr=seed_t,
+                    **descs,
+                    n_rows=n_rows, d_in=d_in, d_out=d_out, rank=rank,
+                    stride_xm=x2d.stride(0), stride_xk=x2d.stride(1), stride_wn=weight.stride(0),
+                    stride_wk=weight.stride(1), stride_ta=theta_a.stride(0), stride_tb=theta_b.stride(0),
+                    stride_ym=y.stride(0), stride_yn=y.stride(1),
+                    scaling=float(scaling), keep_scale=keep_scale, drop_threshold=threshold,
+                    num_programs=num_programs, zero=0.0)
+        meta = launch_config.forward_meta(tile, switches, dtype, r_pad)
+        runtime.launch(condlora_forward_kernel, (num_programs,), args, meta, x2d, quiet=quiet)
+
+    heuristic = ForwardConfig(launch_config.forward_tile(n_rows, d_out, r_pad, dtype))
+    if config is not None:
+        run(replace(config, tile=config.tile or heuristic.tile))
+    elif not autotune.enabled():
+        run(heuristic)
+    else:
+        key = autotune.make_key("condlora_fwd", device, dtype, r_pad, d_in, d_out, n_rows, **switches)
+        autotune.run_tuned(
+            key, heuristic,
+            lambda: launch_config.forward_candidates(heuristic, dtype, r_pad, launch_config.helper_loop(dtype, r_pad),
+                                                     runtime.shared_memory_limit(device)),
+            run, device_type=device.type, tracing=runtime.tracing(x2d), n_rows=n_rows)
+    return y, u, lora_a, lora_b
+
+
 # ==================================================================================================
-# backward kernel
+# backward: kernel and launcher
 # ==================================================================================================
 
 
 @triton.jit
-def _bwd_row_block(dy_ptr, x_ptr, b_ptr, u_ptr, sv_ptr, part_a_ptr, part_b_ptr, part_db_ptr, ticket_ptr, v_ready_ptr,
-                   m, num_slots, n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_xm, stride_xk, scaling,
-                   seed_lo, seed_hi, drop_threshold, keep_scale, zero,
+def _bwd_row_block(dy_ptr, x_ptr, b_ptr, u_ptr,  # dy, x, B, u in
+                   sv_ptr, part_a_ptr, part_b_ptr, part_db_ptr,  # out: s v, the partial sums of dA, dB, db
+                   ticket_ptr, v_ready_ptr,  # flags: whose turn it is per slot; row block m's v stored
+                   m, num_slots, n_rows, d_in, d_out, rank,
+                   stride_dym, stride_dyn, stride_xm, stride_xk,
+                   scaling, seed_lo, seed_hi, drop_threshold, keep_scale, zero,
                    NEED_DTHETA: tl.constexpr, NEED_DBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, R_PAD: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
@@ -434,7 +581,7 @@ def _bwd_row_block(dy_ptr, x_ptr, b_ptr, u_ptr, sv_ptr, part_a_ptr, part_b_ptr, 
             ks = k0 + offs_k
             x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & (ks[None, :] < d_in), other=0.0)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, rows, k0, d_in, drop_threshold, BLOCK_M, BLOCK_K)
+                keep = dropout_keep(seed_lo, seed_hi, rows, k0, d_in, drop_threshold, BLOCK_M, BLOCK_K)
                 x = tl.where(keep, x.to(ACC) * keep_scale, 0.0).to(x.dtype)
             part = tl.dot(tl.trans(sv), x, input_precision=DOT_PRECISION)  # (R_PAD, BLOCK_K)
             p_ptrs = part_a_ptr + (slot * R_PAD + ranks[:, None]) * d_in + ks[None, :]
@@ -447,11 +594,16 @@ def _bwd_row_block(dy_ptr, x_ptr, b_ptr, u_ptr, sv_ptr, part_a_ptr, part_b_ptr, 
 
 
 @triton.jit
-def _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, dy_desc, w_desc, dx_desc, v_ready_ptr, m, k,
-                 n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+def _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr,  # dy, W0, A, s v in; dx out
+                 dy_desc, w_desc, dx_desc,  # the same through TMA descriptors (USE_TMA)
+                 v_ready_ptr,  # flags: row block m's v stored
+                 m, k,
+                 n_rows, d_in, d_out, rank,
+                 stride_dym, stride_dyn, stride_wn, stride_wk, stride_dxm, stride_dxk,
                  seed_lo, seed_hi, drop_threshold, keep_scale, zero,
-                 HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
+                 HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """dx[m, k] = dy[m] W0[:, k] + ((s v[m]) A[:, k]) * M / (1 - p); the epilogue waits for row block m's v."""
     ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
     rows = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -481,11 +633,12 @@ def _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, dy_desc, w_desc, dx_desc,
                 other=0.0)
     if HAS_DROPOUT:
         low_rank = tl.dot(sv, a, input_precision=DOT_PRECISION)
-        keep = _dropout_keep(seed_lo, seed_hi, rows, k * BLOCK_N, d_in, drop_threshold, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(seed_lo, seed_hi, rows, k * BLOCK_N, d_in, drop_threshold, BLOCK_M, BLOCK_N)
         acc += tl.where(keep, low_rank * keep_scale, 0.0).to(ACC)  # keep_scale may come in as float64
     else:
         acc = tl.dot(sv, a, acc, input_precision=DOT_PRECISION)
-    _store_tile(dx_desc, dx_ptr, acc, m, k, rows, cols, n_rows, d_in, stride_dxm, stride_dxk, BLOCK_M, BLOCK_N, USE_TMA)
+    _store_tile(desc=dx_desc, ptr=dx_ptr, acc=acc, m=m, n=k, rows=rows, cols=cols, n_rows=n_rows, n_cols=d_in,
+                stride_r=stride_dxm, stride_c=stride_dxk, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA)
 
 
 @triton.jit
@@ -520,9 +673,13 @@ def _bwd_reduce_b(part_b_ptr, part_db_ptr, grad_b_ptr, db_ptr, tile, num_slots, 
 
 
 @triton.jit
-def _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, tile, d_in, d_out, rank,
-                     stride_wn, stride_wk, zero, MODE_PAPER: tl.constexpr, DT_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                     R_PAD: tl.constexpr, F32_DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
+def _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr,  # W0, dA, dB in; dtheta_a, dtheta_b out
+                     tile, d_in, d_out, rank,
+                     stride_wn, stride_wk,
+                     zero,
+                     MODE_PAPER: tl.constexpr,
+                     DT_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                     F32_DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr):
     """Contract the reduced dA (R_PAD, d_in) and dB (d_out, R_PAD) with W0:
     tiles over the d_in columns: dtheta_b[:, cols] = dB^T W0[:, cols] (and, paper mode, dtheta_a = dA W0);
     general mode, tiles after those: dtheta_a[:, rows] = dA W0[rows]^T."""
@@ -564,19 +721,77 @@ def _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, tile, d_in
 
 
 @triton.jit
-def _condlora_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, u_ptr, dx_ptr, dta_ptr, dtb_ptr, db_ptr,
-    sv_ptr, part_a_ptr, part_b_ptr, part_db_ptr, grad_a_ptr, grad_b_ptr, flags_ptr, seed_ptr,
-    dy_desc, w_desc, dx_desc,
-    n_rows, d_in, d_out, rank, num_slots,
-    stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_dxm, stride_dxk,
-    scaling, keep_scale, drop_threshold, num_programs, num_helpers, lookahead, zero,
-    MODE_PAPER: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DTHETA: tl.constexpr, NEED_DBIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    RED_BLOCK: tl.constexpr, DT_BLOCK: tl.constexpr, HELPER_BLOCK_K: tl.constexpr, HELPER_STAGES: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, F32_DOT_PRECISION: tl.constexpr, SPLIT_ACC: tl.constexpr,
-    FLATTEN: tl.constexpr, FLAG_BLOCK: tl.constexpr,
+def condlora_backward_kernel(
+    # tensors
+    dy_ptr,  # dy (N, d_out)
+    x_ptr,  # x (N, d_in)
+    w_ptr,  # W0 (d_out, d_in)
+    a_ptr,  # A (r, d_in), contiguous
+    b_ptr,  # B (d_out, r), contiguous
+    u_ptr,  # u (N, r), contiguous
+    dx_ptr,  # out: dx (N, d_in)
+    dta_ptr,  # out: dtheta_a, contiguous
+    dtb_ptr,  # out: dtheta_b (r, d_in), contiguous
+    db_ptr,  # out: db (d_out,)
+    # workspaces (a gradient not needed gets a placeholder, which its switch keeps the kernel from touching)
+    sv_ptr,  # s v (N, R_PAD), input dtype
+    part_a_ptr,  # float32 partial sums of dA (S, R_PAD, d_in)
+    part_b_ptr,  # float32 partial sums of dB (S, d_out, R_PAD)
+    part_db_ptr,  # float32 partial sums of db (S, d_out)
+    grad_a_ptr,  # float32 dA (R_PAD, d_in)
+    grad_b_ptr,  # float32 dB (d_out, R_PAD)
+    flags_ptr,  # int32 dependency flags, zero on entry and on exit
+    seed_ptr,  # int64 dropout seed; a placeholder without HAS_DROPOUT
+    # TMA descriptors of dy, W0, dx (placeholders without USE_TMA)
+    dy_desc,
+    w_desc,
+    dx_desc,
+    # sizes
+    n_rows,
+    d_in,
+    d_out,
+    rank,
+    num_slots,  # S, partial-sum slots
+    # strides
+    stride_dym,
+    stride_dyn,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_dxm,
+    stride_dxk,
+    # scalars
+    scaling,  # s = alpha / r
+    keep_scale,  # 1 / (1 - p) of the quantised dropout p
+    drop_threshold,  # 16-bit draws below it are dropped
+    num_programs,  # the grid
+    num_helpers,  # programs 0 .. num_helpers - 1 are helpers, the others workers
+    lookahead,  # groups of row blocks the helpers may run ahead of the workers
+    zero,  # a runtime 0.0 (see _mma)
+    # switches
+    MODE_PAPER: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_DTHETA: tl.constexpr,
+    NEED_DBIAS: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    RED_BLOCK: tl.constexpr,  # columns (rows) of dA (dB, db) per RED tile
+    DT_BLOCK: tl.constexpr,  # columns (rows) of dtheta per DTHETA tile
+    HELPER_BLOCK_K: tl.constexpr,  # chunk width of the helpers' loops over dy and x
+    HELPER_STAGES: tl.constexpr,  # their pipeline depth
+    R_PAD: tl.constexpr,
+    # precision and bookkeeping
+    DOT_PRECISION: tl.constexpr,
+    F32_DOT_PRECISION: tl.constexpr,  # of the DTHETA dots on float32 dA, dB
+    SPLIT_ACC: tl.constexpr,  # float32: sum each BLOCK_K slice on its own (see _mma)
+    FLATTEN: tl.constexpr,  # flatten the workers' persistent loop
+    FLAG_BLOCK: tl.constexpr,
 ):
     """Persistent backward. Programs 0 .. num_helpers - 1 do the rank-r work of row blocks 0, 1, 2, ...
     (v, then the partial sums of dA, dB, db); the others run the DX tiles in a flattened loop; then
@@ -600,18 +815,23 @@ def _condlora_bwd_kernel(
     seed_lo = 0
     seed_hi = 0
     if HAS_DROPOUT:
-        seed_lo, seed_hi = _load_seed(seed_ptr)
+        seed_lo, seed_hi = load_seed(seed_ptr)
 
     single = num_programs == 1
     if pid < num_helpers:
         for m in range(pid, num_m, num_helpers):
             if NEED_DX and not single:  # stay within `lookahead` groups of the workers
                 _wait_at_least(dx_done_ptr, (m // GROUP_M - lookahead) * GROUP_M * num_k)
-            _bwd_row_block(dy_ptr, x_ptr, b_ptr, u_ptr, sv_ptr, part_a_ptr, part_b_ptr, part_db_ptr, ticket_ptr,
-                           v_ready_ptr, m, num_slots, n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_xm,
-                           stride_xk, scaling, seed_lo, seed_hi, drop_threshold, keep_scale, zero, NEED_DTHETA,
-                           NEED_DBIAS, HAS_DROPOUT, BLOCK_M, HELPER_BLOCK_K, HELPER_STAGES, R_PAD, DOT_PRECISION,
-                           SPLIT_ACC)
+            _bwd_row_block(dy_ptr=dy_ptr, x_ptr=x_ptr, b_ptr=b_ptr, u_ptr=u_ptr,
+                           sv_ptr=sv_ptr, part_a_ptr=part_a_ptr, part_b_ptr=part_b_ptr, part_db_ptr=part_db_ptr,
+                           ticket_ptr=ticket_ptr, v_ready_ptr=v_ready_ptr,
+                           m=m, num_slots=num_slots, n_rows=n_rows, d_in=d_in, d_out=d_out, rank=rank,
+                           stride_dym=stride_dym, stride_dyn=stride_dyn, stride_xm=stride_xm, stride_xk=stride_xk,
+                           scaling=scaling, seed_lo=seed_lo, seed_hi=seed_hi, drop_threshold=drop_threshold,
+                           keep_scale=keep_scale, zero=zero,
+                           NEED_DTHETA=NEED_DTHETA, NEED_DBIAS=NEED_DBIAS, HAS_DROPOUT=HAS_DROPOUT,
+                           BLOCK_M=BLOCK_M, BLOCK_K=HELPER_BLOCK_K, STAGES=HELPER_STAGES, R_PAD=R_PAD,
+                           DOT_PRECISION=DOT_PRECISION, SPLIT_ACC=SPLIT_ACC)
             _signal(rows_done_ptr)
     if NEED_DX:
         if (pid >= num_helpers) | single:
@@ -619,10 +839,15 @@ def _condlora_bwd_kernel(
             num_workers = tl.where(single, 1, num_programs - num_helpers)
             for t in tl.range(worker, num_m * num_k, num_workers, flatten=FLATTEN):
                 m, k = _grouped_tile(t, num_m, num_k, GROUP_M)
-                _bwd_dx_tile(dy_ptr, w_ptr, a_ptr, sv_ptr, dx_ptr, dy_desc, w_desc, dx_desc, v_ready_ptr, m, k,
-                             n_rows, d_in, d_out, rank, stride_dym, stride_dyn, stride_wn, stride_wk, stride_dxm,
-                             stride_dxk, seed_lo, seed_hi, drop_threshold, keep_scale, zero, HAS_DROPOUT, USE_TMA,
-                             BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, SPLIT_ACC)
+                _bwd_dx_tile(dy_ptr=dy_ptr, w_ptr=w_ptr, a_ptr=a_ptr, sv_ptr=sv_ptr, dx_ptr=dx_ptr,
+                             dy_desc=dy_desc, w_desc=w_desc, dx_desc=dx_desc, v_ready_ptr=v_ready_ptr,
+                             m=m, k=k, n_rows=n_rows, d_in=d_in, d_out=d_out, rank=rank,
+                             stride_dym=stride_dym, stride_dyn=stride_dyn, stride_wn=stride_wn, stride_wk=stride_wk,
+                             stride_dxm=stride_dxm, stride_dxk=stride_dxk,
+                             seed_lo=seed_lo, seed_hi=seed_hi, drop_threshold=drop_threshold,
+                             keep_scale=keep_scale, zero=zero, HAS_DROPOUT=HAS_DROPOUT, USE_TMA=USE_TMA,
+                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, R_PAD=R_PAD,
+                             DOT_PRECISION=DOT_PRECISION, SPLIT_ACC=SPLIT_ACC)
                 tl.atomic_add(dx_done_ptr, 1, sem="relaxed")  # progress only: no data is published
     if HAS_RED:
         num_red_a = tl.cdiv(d_in, RED_BLOCK) if NEED_DTHETA else 0
@@ -643,323 +868,28 @@ def _condlora_bwd_kernel(
             else:
                 if NEED_DTHETA:
                     _wait_at_least(red_done_ptr, num_red)
-                    _bwd_dtheta_tile(w_ptr, grad_a_ptr, grad_b_ptr, dta_ptr, dtb_ptr, t - num_red, d_in, d_out, rank,
-                                     stride_wn, stride_wk, zero, MODE_PAPER, DT_BLOCK, BLOCK_K, R_PAD,
-                                     F32_DOT_PRECISION, SPLIT_ACC)
+                    _bwd_dtheta_tile(w_ptr=w_ptr, grad_a_ptr=grad_a_ptr, grad_b_ptr=grad_b_ptr,
+                                     dta_ptr=dta_ptr, dtb_ptr=dtb_ptr,
+                                     tile=t - num_red, d_in=d_in, d_out=d_out, rank=rank,
+                                     stride_wn=stride_wn, stride_wk=stride_wk, zero=zero, MODE_PAPER=MODE_PAPER,
+                                     DT_BLOCK=DT_BLOCK, BLOCK_K=BLOCK_K, R_PAD=R_PAD,
+                                     F32_DOT_PRECISION=F32_DOT_PRECISION, SPLIT_ACC=SPLIT_ACC)
     _exit_and_reset_flags(flags_ptr, 4 + num_m + num_slots, num_programs, FLAG_BLOCK)
-
-
-# ==================================================================================================
-# launchers
-# ==================================================================================================
-
-FLAG_BLOCK = 128
-FLATTEN = True  # flatten the backward workers' persistent loop (tutorial 09)
-LOOKAHEAD_GROUPS = 2  # how many groups of row blocks the backward's helpers may run ahead of its workers
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _r_pad(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_programs(device: torch.device, work_items: int) -> int:
-    """One program per SM at most, so that all are resident at once (the flags rely on it); 1 when
-    interpreting, where programs run one after another."""
-    if _interpreting() or device.type != "cuda":
-        return 1
-    return max(1, min(work_items, _sm_count(device.index if device.index is not None else torch.cuda.current_device())))
-
-
-# Rough per-SM rates that size the backward's helper group: a helper streams rows of x and dy at about
-# HELPER_BYTES_PER_S (about 30 GB/s measured on an H100: its loop is bound by latency, not by HBM), a
-# worker multiplies at about WORKER_FLOPS_PER_S (bf16). With them _num_helpers picks the helper counts
-# that measured best on the H100 (16 at d = 4096, 8 at d = 8192, 11-16 for 4096 -> 11008; NOTES.md).
-HELPER_BYTES_PER_S = 30e9
-WORKER_FLOPS_PER_S = 5e12
-HELPERS_OVERRIDE: Optional[int] = None  # tuning hook (benchmarks/triton_explore.py)
-
-
-def _num_helpers(num_programs: int, helper_bytes: float, worker_flops: float, num_m: int, min_helpers: int,
-                 scale: float = 1.0) -> int:
-    """How many programs do the rank-r row work while the others multiply: enough that the helpers'
-    share of the time matches their share of the work, with a margin of 1.5 so that they stay ahead,
-    and at least `min_helpers` so the first group's rows are ready when the first output tiles are.
-    `scale` multiplies that count (the autotuner's variants) within the same bounds: one helper at
-    least, no more than the row blocks, and a quarter of the programs at most, so that workers remain
-    for the DX tiles the helpers wait on."""
-    if num_programs == 1:
-        return 1
-    if HELPERS_OVERRIDE is not None:
-        return max(1, min(HELPERS_OVERRIDE, num_programs - 1))
-    t_helper = helper_bytes / HELPER_BYTES_PER_S
-    t_worker = worker_flops / WORKER_FLOPS_PER_S
-    wanted = math.ceil(1.5 * num_programs * t_helper / max(t_helper + t_worker, 1e-30))
-    most = min(num_m, num_programs // 4 if num_programs >= 8 else 1)
-    helpers = max(1, min(max(wanted, min_helpers), most))
-    return helpers if scale == 1.0 else max(1, min(round(helpers * scale), most))
-
-
-def _tracing(t: torch.Tensor) -> bool:
-    """True while torch.compile (or opcheck) traces the op: the tensors are fake or functional wrappers,
-    not plain tensors, and have no memory that could be cached across calls."""
-    return type(t) is not torch.Tensor or torch.compiler.is_compiling()
-
-
-def _launchable(kernel, like: torch.Tensor):
-    """The kernel itself in eager mode; wrapped for torch.compile while tracing. (Called outside a
-    triton_op body, wrap_triton routes every launch through a higher-order op that keeps its constant
-    arguments in a global table: slower, and it holds on to the tensors behind tensor descriptors.)"""
-    return torch.library.wrap_triton(kernel) if _tracing(like) else kernel
-
-
-def _tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether TMA tensor descriptors can address these 2-D tensors: a Hopper GPU or newer (or the
-    interpreter), unit stride in the last dimension, 16-byte aligned rows and start (the caching
-    allocator aligns every allocation to 512 bytes, so the start is aligned when the storage offset
-    is). Not in float64 (the interpreter's gradcheck)."""
-    device = tensors[0].device
-    if not _interpreting() and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
-        return False
-    for t in tensors:
-        size = t.element_size()
-        if (t.dtype == torch.float64 or t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * size) % 16
-                or (t.storage_offset() * size) % 16):
-            return False
-    return True
-
-
-# Building the host-side tensor descriptors costs ~90 us of host time per launch (measured on the H100
-# machine, benchmarks/NOTES.md); below this many multiply-adds the GEMM cannot hide it, and the pointer
-# main loop, ~10% slower on the GPU, is the faster choice.
-TMA_MIN_MACS = 2**35
-
-
-def _use_tma(macs: int, *tensors: torch.Tensor) -> bool:
-    """TMA main loops in eager mode, for problems large enough to hide the descriptors' host cost.
-    Traced by torch.compile, a triton_op's host-side tensor descriptors keep the fake tensor they were
-    built from and the compiled graph cannot run them (torch 2.11: "Cannot access data pointer of
-    Tensor"), so traced graphs take the pointer main loop."""
-    return macs >= TMA_MIN_MACS and not _tracing(tensors[0]) and _tma_ready(*tensors)
-
-
-def _descriptor(t: torch.Tensor, block_shape):
-    return TensorDescriptor.from_tensor(t, list(block_shape))
-
-
-MAX_SLOTS_OVERRIDE: Optional[int] = None  # tests set it to make row blocks share slots
-
-
-def _num_slots(n_rows: int, num_m: int, d_in: int, d_out: int, r_pad: int, elem_size: int, num_helpers: int) -> int:
-    """Partial-sum slots of the backward: one per row block, each written once (no read-back, no turns:
-    the helpers just store), while the float32 workspace stays within the size of one activation
-    gradient (N * max(d_in, d_out) elements of the input dtype, 32 MiB at least); fewer, shared in
-    turns, beyond that."""
-    per_slot = r_pad * (d_in + d_out + 1) * 4
-    budget = max(32 << 20, n_rows * max(d_in, d_out) * elem_size)
-    slots = min(num_m, max(1, budget // per_slot))
-    return max(1, min(slots, MAX_SLOTS_OVERRIDE) if MAX_SLOTS_OVERRIDE else slots)
-
-
-def _dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """(precision of dots on input-dtype operands, of dots on float32 accumulators): tf32 only where
-    torch allows it for float32 matmuls."""
-    tf32_ok = torch.backends.cuda.matmul.allow_tf32
-    input_precision = "tf32" if (dtype != torch.float32 or tf32_ok) else "ieee"
-    f32_precision = "tf32" if (dtype in (torch.float16, torch.bfloat16) or tf32_ok) else "ieee"
-    return input_precision, f32_precision
-
-
-# Tuning hook for kernel development (benchmarks/triton_explore.py): when set, these dicts replace the
-# configs chosen below. Keys: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages.
-FWD_CONFIG_OVERRIDE: Optional[dict] = None
-BWD_CONFIG_OVERRIDE: Optional[dict] = None
-INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-
-
-def _fwd_config(n_rows: int, d_out: int, r_pad: int, dtype: torch.dtype) -> dict:
-    """Output tile of the forward (Y tiles). The 128 x 256 x 64 tile of the Hopper matmul tutorials for
-    large problems (255 registers, no spills on sm_90 for r <= 16: benchmarks/compile_check.py); 128 x 128
-    for float32 and for problems too small to fill the GPU with 128 x 256 tiles; two pipeline stages for
-    ranks of 128 and more, whose rank-r operands take shared memory too."""
-    if _interpreting():
-        return INTERPRETER_CONFIG
-    if FWD_CONFIG_OVERRIDE is not None:
-        return FWD_CONFIG_OVERRIDE
-    if r_pad >= 128:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    if r_pad >= 64:  # its u and B operands take shared memory: Triton 3.6 needed 262 KiB at 128 x 256 x 3 stages
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
-    if n_rows * d_out < 132 * 128 * 256 * 2:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-def _bwd_config(n_rows: int, d_in: int, r_pad: int, dtype: torch.dtype, has_dropout: bool) -> dict:
-    """Output tile of the backward (DX tiles). A dropout epilogue holds a second float32 tile in
-    registers, which spills heavily at 128 x 256: it takes 128 x 128. Ranks of 128 and more take
-    64 x 128 x 32 tiles in two stages (shared memory)."""
-    if _interpreting():
-        return INTERPRETER_CONFIG
-    if BWD_CONFIG_OVERRIDE is not None:
-        return BWD_CONFIG_OVERRIDE
-    if r_pad >= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=2)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    if r_pad >= 64:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2)
-    if has_dropout or n_rows * d_in < 132 * 128 * 256 * 2:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-
-
-_FLAG_WORKSPACES: dict = {}
-
-
-def _helper_loop(dtype: torch.dtype, r_pad: int) -> dict:
-    """Chunk width and pipeline depth of the streaming loops over rows of x and dy (U, V, the dA
-    partials): 128 columns, 4 stages in flight, ~32 KiB each for bf16, so that one SM reading a row
-    block alone keeps enough bytes in flight; 64 columns and 2 stages for float32 and ranks of 64 and
-    more, whose operands need the shared memory."""
-    if _interpreting():
-        return dict(HELPER_BLOCK_K=32, HELPER_STAGES=1)
-    if dtype == torch.float32 or r_pad >= 64:
-        return dict(HELPER_BLOCK_K=64, HELPER_STAGES=2)
-    return dict(HELPER_BLOCK_K=128, HELPER_STAGES=4)
-
-
-_STAGE_LIMITS: dict = {}  # launch configuration -> the most pipeline stages that fit this GPU's shared memory
-
-
-def _launch(kernel, grid, args, meta: dict, like: torch.Tensor, quiet: bool = False) -> None:
-    """Launch, with one fallback: a configuration whose pipeline does not fit the GPU's shared memory
-    (an A100 has 164 KiB, an H100 227 KiB; Triton versions lay buffers out differently) is retried with
-    one stage fewer, and the limit is remembered. Said once, as a warning: it costs some speed (not
-    while the autotuner races candidates, `quiet`: it times each as it runs)."""
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), like.device,
-           tuple(sorted((k, v) for k, v in meta.items() if k != "num_stages")))
-    stages = min(meta["num_stages"], _STAGE_LIMITS.get(key, meta["num_stages"]))
-    while True:
-        try:
-            _launchable(kernel, like)[grid](*args, **{**meta, "num_stages": stages})
-            return
-        except triton.runtime.errors.OutOfResources as exc:
-            if stages <= 1 or _tracing(like):
-                raise
-            stages -= 1
-            _STAGE_LIMITS[key] = stages
-            if not quiet:
-                warnings.warn(f"condlora_kernels: {key[0]} with {dict(key[2])} does not fit this GPU's shared "
-                              f"memory ({exc}); using {stages} pipeline stage(s)", stacklevel=3)
-
-
-def _flags(n: int, like: torch.Tensor) -> torch.Tensor:
-    """n int32 dependency flags, zero on entry. In eager mode one buffer per (device, stream) is kept:
-    every launch leaves its flags zeroed at exit (_exit_and_reset_flags), so the next launch on that
-    stream finds them clean and no zero-fill launch is needed per call. Under torch.compile tracing a
-    fresh zeroed tensor (a traced op)."""
-    device = like.device
-    if _tracing(like):
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _FLAG_WORKSPACES.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _FLAG_WORKSPACES[key] = buf
-    return buf
-
-
-def _seed_args(seed: Optional[torch.Tensor], dropout_p: float, dummy: torch.Tensor):
-    """(seed tensor, keep scale, 16-bit threshold) for the kernels; a placeholder seed without dropout."""
-    if dropout_p > 0.0:
-        return seed, reference.dropout_keep_scale(dropout_p), reference.dropout_threshold(dropout_p)
-    return dummy, 1.0, 0
-
-
-def _tuning_fixed(*overrides: object) -> bool:
-    """Whether the configuration is fixed for this launch: tuning is off (CONDLORA_AUTOTUNE=0, the
-    interpreter) or a development hook forces it (benchmarks/triton_explore.py sweeps configs)."""
-    return not autotune.enabled() or any(o is not None for o in overrides)
-
-
-def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float, dropout_p: float,
-                            seed: Optional[torch.Tensor], paper_mode: bool):
-    """Allocate y, u, A, B and run the persistent forward kernel, with the autotuned configuration
-    (autotune.py) or the heuristic one. Returns (y, u, lora_a, lora_b)."""
-    n_rows, d_in = x2d.shape
-    d_out = weight.shape[0]
-    rank = theta_b.shape[0]
-    r_pad = _r_pad(rank)
-    device, dtype = x2d.device, x2d.dtype
-    y = torch.empty((n_rows, d_out), device=device, dtype=dtype)
-    u = torch.empty((n_rows, rank), device=device, dtype=dtype)
-    lora_a = torch.empty((rank, d_in), device=device, dtype=dtype)
-    lora_b = torch.empty((d_out, rank), device=device, dtype=dtype)
-    theta_a = theta_a.contiguous()
-    theta_b = theta_b.contiguous()
-    gen_block = 32 if _interpreting() else 64
-    num_gen = triton.cdiv(d_out, gen_block) + (0 if paper_mode else triton.cdiv(d_in, gen_block))
-    dot_precision, _ = _dot_precisions(dtype)
-    use_tma = _use_tma(n_rows * d_in * d_out, x2d, weight, y) and n_rows > 0
-    switches = dict(MODE_PAPER=paper_mode, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0, USE_TMA=use_tma,
-                    DOT_PRECISION=dot_precision)
-
-    def run(cfg: dict, quiet: bool = False) -> None:
-        """One launch with configuration `cfg`; it writes y, u, A and B completely."""
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        num_m = triton.cdiv(n_rows, bm)
-        num_tiles = num_gen + (triton.cdiv(num_m, cfg["GROUP_M"]) + 1) * cfg["GROUP_M"] + num_m * triton.cdiv(d_out, bn)
-        num_programs = _num_programs(device, num_tiles)
-        flags = _flags(2 + num_m, x2d)
-        seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
-        if use_tma:
-            descs = (_descriptor(x2d, (bm, bk)), _descriptor(weight, (bn, bk)), _descriptor(y, (bm, bn)))
-        else:  # placeholders: USE_TMA=False keeps the kernel from touching them
-            descs = (x2d, weight, y)
-        args = (x2d, weight, bias if bias is not None else y, theta_a, theta_b, y, u, lora_a, lora_b, flags, seed_t,
-                *descs, n_rows, d_in, d_out, rank,
-                x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), theta_a.stride(0), theta_b.stride(0),
-                y.stride(0), y.stride(1),
-                float(scaling), keep_scale, threshold, num_programs, 0.0)
-        meta = dict(switches, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], GEN_BLOCK=gen_block,
-                    R_PAD=r_pad, SPLIT_ACC=dtype == torch.float32, FLAG_BLOCK=FLAG_BLOCK,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_helper_loop(dtype, r_pad))
-        _launch(_condlora_fwd_kernel, (num_programs,), args, meta, x2d, quiet=quiet)
-
-    heuristic = _fwd_config(n_rows, d_out, r_pad, dtype)
-    if _tuning_fixed(FWD_CONFIG_OVERRIDE):
-        run(heuristic)
-    else:
-        key = autotune.make_key("condlora_fwd", device, dtype, r_pad, d_in, d_out, n_rows, **switches)
-        autotune.run_tuned(
-            key, heuristic,
-            lambda: autotune.forward_candidates(heuristic, dtype, r_pad, _helper_loop(dtype, r_pad),
-                                                autotune.shared_memory_limit(device)),
-            run, device_type=device.type, tracing=_tracing(x2d), n_rows=n_rows)
-    return y, u, lora_a, lora_b
 
 
 def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: float, dropout_p: float,
                              seed: Optional[torch.Tensor], paper_mode: bool, need_dx: bool, need_dtheta: bool,
-                             need_dbias: bool):
-    """Allocate gradients and workspaces and run the persistent backward kernel, with the autotuned
-    configuration (autotune.py) or the heuristic one.
-    Returns (dx, dtheta_a, dtheta_b, dbias), empty tensors for those not needed."""
+                             need_dbias: bool, *, config: Optional[BackwardConfig] = None):
+    """Allocate gradients and workspaces and run the persistent backward kernel.
+    Returns (dx, dtheta_a, dtheta_b, dbias), empty tensors for those not needed.
+
+    `config` (config.BackwardConfig) fixes the launch: its tile, helper count, partial-sum slots,
+    lookahead and main loop, the heuristic's where a field is None, and nothing is tuned (for kernel
+    development and tests: tools/explore.py sweeps it). Without it, the autotuned configuration
+    (autotune.py), or the heuristic one where tuning is off."""
     n_rows, d_in = x2d.shape
     d_out, rank = lora_b.shape
-    r_pad = _r_pad(rank)
+    r_pad = launch_config.r_pad(rank)
     device, dtype = x2d.device, x2d.dtype
 
     def output(shape, needed):  # a distinct empty tensor when not needed: op outputs may not alias
@@ -981,32 +911,32 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
     helper_bytes = n_rows * (d_out + (d_in * (2 if has_dropout else 1) if need_dtheta else 0)) * x2d.element_size()
     helper_bytes *= max(1.0, r_pad / 32)
     worker_flops = 2.0 * n_rows * d_in * d_out if need_dx else 0.0
-    red_block, dt_block = (32, 32) if _interpreting() else (64, 64)
-    dot_precision, f32_precision = _dot_precisions(dtype)
-    use_tma = need_dx and _use_tma(n_rows * d_in * d_out, grad_y, weight, dx)
-    switches = dict(MODE_PAPER=paper_mode, HAS_DROPOUT=has_dropout, USE_TMA=use_tma, NEED_DX=need_dx,
-                    NEED_DTHETA=need_dtheta, NEED_DBIAS=need_dbias, DOT_PRECISION=dot_precision,
-                    F32_DOT_PRECISION=f32_precision)
+    use_tma = need_dx and launch_config.use_tma(n_rows * d_in * d_out, grad_y, weight, dx,
+                                                requested=config.use_tma if config else None)
+    switches = launch_config.backward_switches(paper_mode=paper_mode, has_dropout=has_dropout, use_tma=use_tma,
+                                               need_dx=need_dx, need_dtheta=need_dtheta, need_dbias=need_dbias,
+                                               dtype=dtype)
 
-    def schedule(cfg: dict) -> tuple[int, int, int]:
+    def schedule(cfg: BackwardConfig) -> tuple[int, int, int]:
         """(row blocks, programs, helper programs) of a launch with configuration `cfg`."""
-        num_m = triton.cdiv(n_rows, cfg["BLOCK_M"])
-        num_programs = _num_programs(device, num_m * triton.cdiv(d_in, cfg["BLOCK_N"]) + 1 if need_dx else num_m)
-        num_helpers = _num_helpers(num_programs, helper_bytes, worker_flops, num_m, min_helpers=8,
-                                   scale=cfg.get("HELPER_SCALE", 1.0))
+        num_m = triton.cdiv(n_rows, cfg.tile.block_m)
+        work_items = num_m * triton.cdiv(d_in, cfg.tile.block_n) + 1 if need_dx else num_m
+        num_programs = launch_config.num_programs(device, work_items)
+        num_helpers = launch_config.num_helpers(num_programs, helper_bytes, worker_flops, num_m, min_helpers=8,
+                                                scale=cfg.helper_scale, requested=cfg.num_helpers)
         return num_m, num_programs, num_helpers
 
-    def run(cfg: dict, quiet: bool = False) -> None:
+    def run(cfg: BackwardConfig, quiet: bool = False) -> None:
         """One launch with configuration `cfg`; it writes the needed gradients completely."""
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        tile = cfg.tile
         num_m, num_programs, num_helpers = schedule(cfg)
-        num_slots = _num_slots(n_rows, num_m, d_in, d_out, r_pad, x2d.element_size(), num_helpers)
+        num_slots = launch_config.num_slots(n_rows, num_m, d_in, d_out, r_pad, x2d.element_size(), cfg.max_slots)
         # the kernel's workspace offsets are int32: slots * r_pad * d stays far below 2^31 by the cap above
         assert num_slots * r_pad * max(d_in, d_out) < 2**31, "partial-sum workspace too large for int32 offsets"
         # workspaces: s v (input dtype); float32 partial sums and the reduced dA, dB, carved from one
         # allocation. An argument that is not needed gets the flags tensor as a placeholder: its constexpr
         # switch keeps the kernel from touching it.
-        flags = _flags(4 + num_m + num_slots, x2d)
+        flags = runtime.flags(4 + num_m + num_slots, x2d)
         sv = torch.empty((n_rows, r_pad), device=device, dtype=dtype)
         sizes = {"part_a": (num_slots, r_pad, d_in) if need_dtheta else None,
                  "part_b": (num_slots, d_out, r_pad) if need_dtheta else None,
@@ -1018,46 +948,52 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
                            dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         views, offset = {}, 0
         for name, shape in sizes.items():
-            views[name] = work[offset:offset + numels[name]].view(shape) if shape else flags
+            views[f"{name}_ptr"] = work[offset:offset + numels[name]].view(shape) if shape else flags
             offset += numels[name]
-        part_a, part_b, part_db, grad_a, grad_b = (views[k] for k in ("part_a", "part_b", "part_db", "grad_a", "grad_b"))
-        seed_t, keep_scale, threshold = _seed_args(seed, dropout_p, flags)
+        seed_t, keep_scale, threshold = runtime.dropout_args(seed, dropout_p, flags)
         if use_tma:
-            descs = (_descriptor(grad_y, (bm, bk)), _descriptor(weight, (bk, bn)), _descriptor(dx, (bm, bn)))
+            descs = dict(dy_desc=runtime.descriptor(grad_y, (tile.block_m, tile.block_k)),
+                         w_desc=runtime.descriptor(weight, (tile.block_k, tile.block_n)),
+                         dx_desc=runtime.descriptor(dx, (tile.block_m, tile.block_n)))
         else:  # placeholders: USE_TMA=False keeps the kernel from touching them
-            descs = (grad_y, weight, x2d)
-        args = (grad_y, x2d, weight, lora_a, lora_b, u, dx, dta, dtb, db,
-                sv, part_a, part_b, part_db, grad_a, grad_b, flags, seed_t, *descs,
-                n_rows, d_in, d_out, rank, num_slots,
-                grad_y.stride(0), grad_y.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-                dx.stride(0) if need_dx else 0, dx.stride(1) if need_dx else 0,
-                float(scaling), keep_scale, threshold, num_programs, num_helpers, LOOKAHEAD_GROUPS, 0.0)
-        meta = dict(switches, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], RED_BLOCK=red_block,
-                    DT_BLOCK=dt_block, R_PAD=r_pad, SPLIT_ACC=dtype == torch.float32, FLATTEN=FLATTEN,
-                    FLAG_BLOCK=FLAG_BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    **_helper_loop(dtype, r_pad))
-        _launch(_condlora_bwd_kernel, (num_programs,), args, meta, x2d, quiet=quiet)
+            descs = dict(dy_desc=grad_y, w_desc=weight, dx_desc=x2d)
+        args = dict(dy_ptr=grad_y, x_ptr=x2d, w_ptr=weight, a_ptr=lora_a, b_ptr=lora_b, u_ptr=u,
+                    dx_ptr=dx, dta_ptr=dta, dtb_ptr=dtb, db_ptr=db,
+                    sv_ptr=sv, **views, flags_ptr=flags, seed_ptr=seed_t,
+                    **descs,
+                    n_rows=n_rows, d_in=d_in, d_out=d_out, rank=rank, num_slots=num_slots,
+                    stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1), stride_xm=x2d.stride(0),
+                    stride_xk=x2d.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                    stride_dxm=dx.stride(0) if need_dx else 0, stride_dxk=dx.stride(1) if need_dx else 0,
+                    scaling=float(scaling), keep_scale=keep_scale, drop_threshold=threshold,
+                    num_programs=num_programs, num_helpers=num_helpers, lookahead=cfg.lookahead, zero=0.0)
+        meta = launch_config.backward_meta(tile, switches, dtype, r_pad)
+        runtime.launch(condlora_backward_kernel, (num_programs,), args, meta, x2d, quiet=quiet)
 
-    heuristic = _bwd_config(n_rows, d_in, r_pad, dtype, has_dropout)
-    if _tuning_fixed(BWD_CONFIG_OVERRIDE, HELPERS_OVERRIDE):
+    heuristic = BackwardConfig(launch_config.backward_tile(n_rows, d_in, r_pad, dtype, has_dropout))
+    if config is not None:
+        run(replace(config, tile=config.tile or heuristic.tile))
+    elif not autotune.enabled():
         run(heuristic)
     else:
         key = autotune.make_key("condlora_bwd", device, dtype, r_pad, d_in, d_out, n_rows, **switches)
         autotune.run_tuned(
-            key, dict(heuristic, HELPER_SCALE=1.0),
-            lambda: autotune.backward_candidates(heuristic, dtype, r_pad, has_dropout, _helper_loop(dtype, r_pad),
-                                                 autotune.shared_memory_limit(device), lambda c: schedule(c)[2]),
-            run, device_type=device.type, tracing=_tracing(x2d), n_rows=n_rows)
+            key, heuristic,
+            lambda: launch_config.backward_candidates(heuristic, dtype, r_pad, has_dropout,
+                                                      launch_config.helper_loop(dtype, r_pad),
+                                                      runtime.shared_memory_limit(device), lambda c: schedule(c)[2]),
+            run, device_type=device.type, tracing=runtime.tracing(x2d), n_rows=n_rows)
     return dx, dta, dtb, db
 
 
 # ==================================================================================================
-# torch.library registration: opaque to autograd (the Function in ops/ drives them), traced by
-# torch.compile through wrap_triton
+# torch.library registration: opaque to autograd (the Function in ops/ drives them) and to torch.compile,
+# whose graphs call them with real tensors: the same launch as in eager mode (TMA main loops, the tuned
+# configuration), so compiling never makes these kernels slower (docs/design.md §5)
 # ==================================================================================================
 
 
-@torch.library.triton_op("condlora_triton::forward", mutates_args=())
+@torch.library.custom_op("condlora_triton::forward", mutates_args=())
 def forward_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], theta_a: torch.Tensor,
                theta_b: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
                paper_mode: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1065,13 +1001,22 @@ def forward_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, paper_mode)
 
 
+@forward_op.register_fake
+def _forward_fake(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, paper_mode):
+    n_rows, d_in = x2d.shape
+    d_out, rank = weight.shape[0], theta_b.shape[0]
+    return (x2d.new_empty(n_rows, d_out), x2d.new_empty(n_rows, rank), x2d.new_empty(rank, d_in),
+            x2d.new_empty(d_out, rank))
+
+
 def _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode, need_dx,
-                         need_dtheta, need_dbias):
+                         need_dtheta, need_dbias, config: Optional[BackwardConfig] = None):
     return condlora_backward_launch(grad_y, x2d, weight, lora_a.contiguous(), lora_b.contiguous(), u.contiguous(),
-                                    scaling, dropout_p, seed, paper_mode, need_dx, need_dtheta, need_dbias)
+                                    scaling, dropout_p, seed, paper_mode, need_dx, need_dtheta, need_dbias,
+                                    config=config)
 
 
-@torch.library.triton_op("condlora_triton::backward", mutates_args=())
+@torch.library.custom_op("condlora_triton::backward", mutates_args=())
 def backward_op(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, u: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
                 paper_mode: bool, need_dx: bool, need_dtheta: bool,
@@ -1079,6 +1024,20 @@ def backward_op(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, l
     """(dx, dtheta_a, dtheta_b, dbias) of the CondLoRA backward, in one launch (empty where not needed)."""
     return _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode,
                                 need_dx, need_dtheta, need_dbias)
+
+
+@backward_op.register_fake
+def _backward_fake(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode, need_dx,
+                   need_dtheta, need_dbias):
+    n_rows, d_in = x2d.shape
+    d_out, rank = lora_b.shape
+
+    def output(shape, needed):
+        return x2d.new_empty(shape if needed else (0,))
+
+    theta_a_shape = reference.theta_a_shape(rank, d_out, d_in, "paper" if paper_mode else "general")
+    return (output((n_rows, d_in), need_dx), output(theta_a_shape, need_dtheta), output((rank, d_in), need_dtheta),
+            output((d_out,), need_dbias))
 
 
 # ==================================================================================================
@@ -1100,7 +1059,7 @@ class TritonBackend:
             if major < 8:
                 return f"the Triton kernels need compute capability 8.0 or newer, {x.device} has {major}.{minor}"
             return None
-        if x.device.type == "cpu" and _interpreting():
+        if x.device.type == "cpu" and runtime.interpreting():
             if x.dtype not in INTERPRETER_DTYPES:
                 return f"under TRITON_INTERPRET the Triton kernels take float16, float32 or float64, not {x.dtype}"
             return None
@@ -1108,22 +1067,36 @@ class TritonBackend:
 
     # Under torch.compile the registered ops are what gets traced. In eager mode the launchers are called
     # directly: the same kernels, without the custom-op dispatcher, which costs more host time per call
-    # (measured on the H100 machine, benchmarks/NOTES.md) than a small layer's whole GPU time.
+    # (measured on the H100 machine, benchmarks/NOTES.md) than a small layer's whole GPU time. A launch
+    # `config` applies to those eager calls.
 
     @staticmethod
-    def forward(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode):
-        op = torch.ops.condlora_triton.forward if torch.compiler.is_compiling() else condlora_forward_launch
-        y, u, lora_a, lora_b = op(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode == "paper")
+    def forward(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode,
+                config: Optional[ForwardConfig] = None):
+        args = (x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode == "paper")
+        if torch.compiler.is_compiling():
+            y, u, lora_a, lora_b = torch.ops.condlora_triton.forward(*args)
+        else:
+            y, u, lora_a, lora_b = condlora_forward_launch(*args, config=config)
         return reference.ForwardOutputs(y, u, lora_a, lora_b)
 
     @staticmethod
-    def backward(grad_y, x2d, weight, theta_a, theta_b, u, lora_a, lora_b, scaling, dropout_p, seed, mode, needs):
+    def backward(grad_y, x2d, weight, theta_a, theta_b, u, lora_a, lora_b, scaling, dropout_p, seed, mode, needs,
+                 config: Optional[BackwardConfig] = None):
         need_x, need_ta, need_tb, need_b = needs
+        args = (grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, mode == "paper",
+                need_x, need_ta or need_tb, need_b)
         if torch.compiler.is_compiling():
-            op = torch.ops.condlora_triton.backward
+            dx, dta, dtb, db = torch.ops.condlora_triton.backward(*args)
         else:
-            op = _backward_contiguous
-        dx, dta, dtb, db = op(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, mode == "paper",
-                              need_x, need_ta or need_tb, need_b)
+            dx, dta, dtb, db = _backward_contiguous(*args, config=config)
         return reference.BackwardOutputs(dx if need_x else None, dta if need_ta else None,
                                          dtb if need_tb else None, db if need_b else None)
+
+    @classmethod
+    def with_config(cls, forward: Optional[ForwardConfig] = None, backward: Optional[BackwardConfig] = None):
+        """This backend with fixed launch configurations in eager calls (see the launchers' `config`), for
+        kernel development and tests, e.g. testing.backend_vs_reference(TritonBackend.with_config(...), ...)."""
+        return types.SimpleNamespace(unavailable_reason=cls.unavailable_reason,
+                                     forward=functools.partial(cls.forward, config=forward),
+                                     backward=functools.partial(cls.backward, config=backward))
