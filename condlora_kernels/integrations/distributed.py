@@ -1,4 +1,7 @@
-"""Distributed training: refuse the one DDP configuration that would train CondLoRA with wrong gradients.
+"""Distributed training: DDP and FSDP2 with CondLoRA's shared generators (docs/design.md §8.7).
+
+DDP: refuse the one configuration that would train CondLoRA with wrong gradients (below). FSDP2: shard each
+block, then the model root (`shard_condlora_model`), and refuse a layer that reads a DTensor (further below).
 
 Every CondLoRA layer of one module type uses the same generator (theta_a, theta_b) (docs/design.md §1, §8).
 DistributedDataParallel's reducer hooks each parameter's gradient accumulator and all-reduces a parameter when
@@ -109,3 +112,131 @@ def check_recomputation(layer: nn.Module) -> None:
         "gradient_checkpointing_kwargs={'use_reentrant': False}), or DDP(model, static_graph=True) "
         "(transformers: TrainingArguments(ddp_static_graph=True); accelerate: "
         "DistributedDataParallelKwargs(static_graph=True)).")
+
+
+# --------------------------------------------------------------------------------------------------
+# FSDP2 (torch.distributed.fsdp.fully_shard)
+# --------------------------------------------------------------------------------------------------
+#
+# apply_condlora stores each generator once, at the model root (model.condlora_generators); a layer reads
+# layer.generator.theta_a at every call. With each block sharded, then the root, the generators belong to the
+# root's FSDP unit: gathered by the root's pre-forward (so every layer, in every block's forward and in the
+# recomputation of activation checkpointing, reads the whole unsharded tensors), kept gathered until the
+# backward ends (FSDP2 does not reshard the root after its forward), and reduce-scattered once in the root's
+# post-backward, after every layer's contribution has been accumulated into the one unsharded gradient.
+
+# What a layer normally reads: a parameter, or a plain tensor (torch.func.functional_call, hand-set tensors).
+PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
+class ShardedTensorError(RuntimeError):
+    """A CondLoRA layer was called with a DTensor (an FSDP2 shard) for its generator or weight: the message says
+    which fully_shard layout to use instead."""
+
+
+def check_unsharded(layer: nn.Module) -> None:
+    """Raise ShardedTensorError if `layer` would compute with a DTensor; else do nothing. Called by
+    FusedCondLoRALinear.forward only when its theta_a or weight is not a plain tensor (docs/design.md §8.7)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    generator = layer.generator
+    if isinstance(generator.theta_a, DTensor) or isinstance(generator.theta_b, DTensor):
+        key = getattr(layer, "generator_key", None)
+        if key is None:  # a hand-built layer owns its generator: the unit that holds the layer gathers it
+            raise ShardedTensorError(
+                "condlora_kernels: the generator owned by this CondLoRA layer is still sharded (a DTensor) when the "
+                "layer runs: fully_shard a module that contains the layer, not the generator by itself")
+        raise ShardedTensorError(
+            f"condlora_kernels: the generator shared by every {key!r} layer is still sharded (a DTensor) when the "
+            "layer runs: no FSDP unit gathered it before this forward. The generators are stored at the model root "
+            "(model.condlora_generators) and must be gathered by the root's fully_shard, whose forward runs around "
+            "every layer's: shard each block, then the root (condlora_kernels.shard_condlora_model(model), or "
+            "`for block in blocks: fully_shard(block)` then `fully_shard(model)`). Do not call fully_shard on a "
+            "generator by itself, and call the sharded model, not one of its blocks or layers on its own.")
+    if isinstance(layer.weight, DTensor) or isinstance(layer.bias, DTensor):
+        raise ShardedTensorError(
+            "condlora_kernels: the frozen weight of a CondLoRA layer is still sharded (a DTensor) when the layer "
+            "runs: it is called outside the forward of the module that fully_shard wrapped it in (FSDP2 gathers a "
+            "unit's parameters only around that unit's forward); call the sharded model instead")
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside torch's CheckpointWrapper (apply_activation_checkpointing), or the module itself."""
+    return getattr(module, "_checkpoint_wrapped_module", module)
+
+
+def _block_class_check(model: nn.Module, block_classes) -> tuple:
+    """(classes, names) from `block_classes`: classes or class names; by default the model's _no_split_modules
+    (transformers models: the decoder or encoder layer classes, as accelerate's transformer_based_wrap)."""
+    if block_classes is None:
+        block_classes = getattr(model, "_no_split_modules", None)
+        if not block_classes:
+            raise ValueError(f"block_classes is needed: {type(model).__name__} does not list its block classes "
+                             "(_no_split_modules); pass the transformer block class, e.g. block_classes=[MyBlock]")
+    if isinstance(block_classes, (str, type)):
+        block_classes = [block_classes]
+    classes, names = [], set()
+    for entry in block_classes:
+        if isinstance(entry, type) and issubclass(entry, nn.Module):
+            classes.append(entry)
+        elif isinstance(entry, str) and entry:
+            names.add(entry)
+        else:
+            raise TypeError(f"block_classes entries must be nn.Module classes or class names, got {entry!r}")
+    return tuple(classes), names
+
+
+def shard_condlora_model(model: nn.Module, block_classes=None, **fsdp_kwargs) -> nn.Module:
+    """FSDP2 for a model adapted by apply_condlora: `fully_shard` each block, then the model root (which stores
+    the shared generators and the modules_to_save), and return the model (sharded in place).
+
+    Equivalent to `for block in blocks: fully_shard(block, **fsdp_kwargs)` then `fully_shard(model, ...)`,
+    with checks first: every block class matches a module, no block is the root, and the generator store is not
+    sharded on its own (docs/design.md §8.7). Forgetting the root call would leave the generators out of every
+    FSDP unit: each rank would train its own copy, without any error.
+
+    Args:
+        block_classes: the block classes or class names (e.g. ["BertLayer"], [LlamaDecoderLayer]); default: the
+            model's `_no_split_modules` (transformers models). A block inside torch's CheckpointWrapper is found
+            through it and the wrapper is sharded. Nested blocks are sharded innermost first.
+        fsdp_kwargs: passed to every fully_shard call (mesh, mp_policy, offload_policy, reshard_after_forward,
+            ...); the root gets them without reshard_after_forward, so that FSDP2 keeps the root's parameters,
+            the generators among them, gathered from its forward to the end of the backward, as it does by
+            default.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from condlora_kernels.integrations.model import GENERATORS_ATTR, _some
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, FSDPModule):
+        raise ValueError(f"{type(model).__name__} is already sharded (fully_shard was called on the model root)")
+    store = model._modules.get(GENERATORS_ATTR)
+    if isinstance(store, FSDPModule) or any(isinstance(m, FSDPModule) for m in (store.modules() if store else ())):
+        raise ValueError(f"model.{GENERATORS_ATTR} is sharded on its own (fully_shard was called on a generator): "
+                         "the layers would read shards. Build the model again and let this function shard it: "
+                         "each block, then the root, whose fully_shard gathers the generators")
+    classes, names = _block_class_check(model, block_classes)
+
+    def is_block(module):
+        inner = _unwrapped(module)
+        return isinstance(inner, classes) or type(inner).__name__ in names
+
+    candidates = [m for name, m in model.named_modules() if name and is_block(m)]
+    wrapped = {id(_unwrapped(m)) for m in candidates if _unwrapped(m) is not m}
+    blocks = [m for m in candidates if id(m) not in wrapped]  # a CheckpointWrapper, not the block inside it
+    found = {type(_unwrapped(m)).__name__ for m in blocks}
+    missing = sorted(names - found) + sorted(c.__name__ for c in classes if not any(
+        isinstance(_unwrapped(m), c) for m in blocks))
+    if missing if block_classes is not None else not blocks:  # the default list may name unused classes
+        raise ValueError(f"block_classes {missing or sorted(names)} match no module of the model (its module "
+                         f"classes: {_some(sorted({type(m).__name__ for m in model.modules()}), 12)})")
+    root_kwargs = {k: v for k, v in fsdp_kwargs.items() if k != "reshard_after_forward"}
+    for block in reversed(blocks):  # named_modules is pre-order: reversed, inner blocks come first
+        if not isinstance(block, FSDPModule):
+            fully_shard(block, **fsdp_kwargs)
+    fully_shard(model, **root_kwargs)
+    return model

@@ -14,6 +14,7 @@ from torch import nn
 from condlora_kernels import reference
 from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
 from condlora_kernels.integrations import distributed  # imported with the package: it records DDP instances
+from condlora_kernels.integrations.distributed import PLAIN_TENSOR_TYPES
 from condlora_kernels.modules.generator import HALF_DTYPES, CondLoRAGenerator
 from condlora_kernels.ops.backends import check_backend_name
 from condlora_kernels.ops.condlora_linear import condlora_linear
@@ -137,8 +138,11 @@ class FusedCondLoRALinear(nn.Module):
             distributed.check_recomputation(self)
         # the generators go as they are (float32 masters of a half-precision layer): the op casts them per call
         # and returns their gradients in their own dtype (docs/design.md §4)
-        generator = self.generator
-        return condlora_linear(x, self.weight, self.bias, generator.theta_a, generator.theta_b, self.alpha / self.r,
+        generator, weight = self.generator, self.weight
+        theta_a = generator.theta_a
+        if type(theta_a) not in PLAIN_TENSOR_TYPES or type(weight) not in PLAIN_TENSOR_TYPES:
+            distributed.check_unsharded(self)  # an FSDP2 shard (DTensor) left ungathered: a clear error (§8.7)
+        return condlora_linear(x, weight, self.bias, theta_a, generator.theta_b, self.alpha / self.r,
                                dropout_p=self.dropout if self.training else 0.0, mode=self.mode,
                                backend=self.backend)
 
