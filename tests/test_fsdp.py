@@ -125,6 +125,30 @@ def _record_reads(model, reads):
 
 
 @contextlib.contextmanager
+def _record_backward_order(model, events):
+    """In the backward: ("layer", generator key) when a CondLoRA layer's output gradient arrives (its backward
+    runs next), ("reduce-scatter", elements) for each reduce-scatter FSDP2 issues (through
+    torch.distributed.reduce_scatter_single in torch 2.14)."""
+    original = torch.distributed.reduce_scatter_single
+
+    def reduce_scatter(*args, **kwargs):
+        events.append(("reduce-scatter", (kwargs["input"] if "input" in kwargs else args[1]).numel()))
+        return original(*args, **kwargs)
+
+    def on_output(layer, args, output):
+        output.register_hook(lambda grad: events.append(("layer", layer.generator_key)))
+
+    handles = [layer.register_forward_hook(on_output) for layer in condlora_layers(model).values()]
+    torch.distributed.reduce_scatter_single = reduce_scatter
+    try:
+        yield
+    finally:
+        torch.distributed.reduce_scatter_single = original
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def _fsdp_state_on_cpu():
     """accelerate switches to FSDP only on accelerators; under MULTI_CPU it ignores the plugin and wraps the model
     in DDP. Switch it as its GPU branch does, so that Accelerator.prepare (and the Trainer) run fsdp2_prepare_model."""
@@ -232,7 +256,7 @@ def _shard(model, how):
 
 def _run_config(name, rank, output_dir):
     how, dtype, _ = CONFIGS[name]
-    model, reads = _model(dtype), []
+    model, reads, events = _model(dtype), [], []
     try:
         if how == "accelerate":
             model, losses = _train_accelerate(model, rank)
@@ -241,12 +265,14 @@ def _run_config(name, rank, output_dir):
         else:
             _shard(model, how)
             _record_reads(model, reads)
-            losses = _train_loop(model, rank, WORLD_SIZE)
+            recording = name == "per-block" and hasattr(torch.distributed, "reduce_scatter_single")
+            with _record_backward_order(model, events) if recording else contextlib.nullcontext():
+                losses = _train_loop(model, rank, WORLD_SIZE)
         if name == SAVED_FROM:
             save_condlora(model, os.path.join(output_dir, "adapter"))
     except Exception as exc:  # noqa: BLE001 -- reported to the parent, which checks the type and message
         return {"error_type": type(exc).__name__, "error": str(exc), "losses": [], "reads": reads}
-    return {**_trained_state(model, losses), "reads": reads}
+    return {**_trained_state(model, losses), "reads": reads, "backward": events}
 
 
 def _worker(rank, output_dir):
@@ -383,6 +409,19 @@ def test_layers_read_the_whole_generators(runs, name):
             assert (theta_type, shape, weight_type) == ("Parameter", [4, 32], "Parameter"), reads
         recomputed = [r for r in reads if r[0]]
         assert len(recomputed) == (len(reads) // 2 if "helper-" in name else 0), reads  # checkpointed: once more
+
+
+def test_one_reduce_scatter_after_every_layer(runs):
+    """The generators' gradients are reduce-scattered once per backward, after every layer has added its part:
+    the blocks have no trainable parameter (nothing to reduce), the root's unit holds the generators and the
+    classifier."""
+    events = runs[0]["per-block"][0]["backward"]
+    if not events:
+        pytest.skip("this torch issues FSDP2's reduce-scatter through another function")
+    trainable = sum(len(values) for values in _single_process(torch.float64)["params"].values())
+    layers = len(condlora_layers(_model()))
+    step = [("layer", key) for key in ["value", "query"] * (layers // 2)] + [("reduce-scatter", trainable)]
+    assert [tuple(e) for e in events] == step * STEPS, events
 
 
 def test_root_left_out_drifts(runs):
