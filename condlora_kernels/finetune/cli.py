@@ -12,6 +12,10 @@ scored. Writes OUTPUT/results.json and OUTPUT/loss_curve.png and prints a table.
 Sizes by default: on CPU, 1 epoch over 3,000 training sentences, scored on 1,000 (about 3 minutes for both
 methods on 2 cores); on CUDA, 3 epochs over the whole training split, scored on the whole held-out split.
 Nothing is downloaded: the model and the data are local files.
+
+Several GPUs (or CPU processes), data parallel, the same global batches as one process (finetune/parallel.py):
+
+    torchrun --standalone --nproc_per_node 2 -m condlora_kernels finetune [options]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from condlora_kernels.finetune import parallel
 from condlora_kernels.finetune.data import InputError, PreparedData, load_csv, prepare_data
 from condlora_kernels.finetune.train import (METHOD_TITLES, METHODS, RECOMMENDED_LR, ALPHA, RANK, TARGET_MODULES,
                                              SHORT_RUN_LR, SHORT_RUN_STEPS, recommended_lr,
@@ -238,7 +243,8 @@ def _write_json(path: str, record: dict) -> None:
 
 def run(args, argv) -> int:
     # Every input is checked before the first training step: a bad one costs no training time.
-    device = resolve_device(args.device)
+    processes = parallel.from_environment()  # under torchrun: this process's rank and the number of processes
+    device = parallel.process_device(processes, resolve_device(args.device))
     methods = METHODS if args.method == "both" else (args.method,)
     if "condlora" in methods:
         condlora_backend_name(args.backend, device)
@@ -250,21 +256,33 @@ def run(args, argv) -> int:
     max_train, max_eval, epochs = resolve_sizes(args, device)
     data = prepare_data(dataset, load_tokenizer(model_path), args.max_length, max_train, max_eval)
     model = _model_record(model_path, default_model)
+    say = print if processes.main else (lambda *args, **kwargs: None)  # process 0 speaks and writes
 
-    print(f"model: {model['name']}\ndata: {data.source}\n  {len(data.train):,} training and {len(data.eval):,} "
-          f"held-out sentences, classes {data.label_names}" + "".join(f"\n  {note}" for note in data.notes))
-    print(f"device {device}, seed {args.seed}, {epochs} epoch(s), batch {args.batch_size}, max length "
-          f"{args.max_length}, r={RANK}, alpha={ALPHA}, targets {TARGET_MODULES}, head trained in both")
+    say(f"model: {model['name']}\ndata: {data.source}\n  {len(data.train):,} training and {len(data.eval):,} "
+        f"held-out sentences, classes {data.label_names}" + "".join(f"\n  {note}" for note in data.notes))
+    say(f"device {device}, seed {args.seed}, {epochs} epoch(s), batch {args.batch_size}, max length "
+        f"{args.max_length}, r={RANK}, alpha={ALPHA}, targets {TARGET_MODULES}, head trained in both")
+    if processes.distributed:
+        say(f"{processes.size} processes (torchrun), each training on a share of every global batch")
     results = {}
     steps = epochs * -(-len(data.train) // args.batch_size)
-    for method in methods:
-        settings = TrainSettings(lr=args.lr or recommended_lr(method, steps), epochs=epochs, batch_size=args.batch_size,
-                                 seed=args.seed, device=str(device), backend=args.backend,
-                                 progress=not args.no_progress)
-        results[method] = finetune(method, model_path, data, settings)
+    parallel.start(processes, device)
+    try:
+        for method in methods:
+            settings = TrainSettings(lr=args.lr or recommended_lr(method, steps), epochs=epochs,
+                                     batch_size=args.batch_size, seed=args.seed, device=str(device),
+                                     backend=args.backend, progress=not args.no_progress)
+            results[method] = finetune(method, model_path, data, settings, processes)
+    finally:
+        parallel.stop(processes)
+    if not processes.main:
+        return 0
     common = {k: v for k, v in vars(settings).items() if k not in ("lr", "progress")}
     common.update(r=RANK, alpha=ALPHA, target_modules=TARGET_MODULES, max_length=args.max_length,
-                  recommended_lr={m: recommended_lr(m, steps) for m in METHODS}, lr_override=args.lr)
+                  recommended_lr={m: recommended_lr(m, steps) for m in METHODS}, lr_override=args.lr,
+                  processes=processes.size)
+    if processes.distributed:
+        common["device"] = f"{device.type} x {processes.size} processes"
 
     print()
     print("\n".join(table_lines(results)))

@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from condlora_kernels.finetune import parallel
 from condlora_kernels.finetune.data import InputError, PreparedData
+from condlora_kernels.finetune.parallel import SINGLE, Processes
 
 METHODS = ("lora", "condlora")
 METHOD_TITLES = {"lora": "PEFT LoRA", "condlora": "CondLoRA"}
@@ -80,6 +82,7 @@ class MethodResult:
     diverged: bool  # some training loss was not finite
     backend: Optional[str] = None  # the CondLoRA backend that ran
     losses: list = field(default_factory=list)  # training loss of every step
+    processes: int = 1  # under torchrun: the processes that shared every global batch (parallel.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -203,16 +206,16 @@ def _autocast(device: torch.device):
 
 
 def evaluate(model: torch.nn.Module, data: PreparedData, device: torch.device, settings: TrainSettings,
-             desc: str = "eval") -> tuple:
-    """(accuracy, mean cross-entropy) on the held-out split."""
+             desc: str = "eval", processes: Processes = SINGLE) -> tuple:
+    """(accuracy, mean cross-entropy) on the held-out split; with several processes, each scores its share."""
     pad_to = data.max_length if device.type == "cuda" else None
     model.eval()
     correct, loss_sum = 0, 0.0
-    starts = range(0, len(data.eval), settings.eval_batch_size)
-    with torch.no_grad(), _progress_bar(len(starts), desc, settings.progress) as bar:
+    rows = list(range(len(data.eval)))[processes.rank::processes.size]
+    starts = range(0, len(rows), settings.eval_batch_size)
+    with torch.no_grad(), _progress_bar(len(starts), desc, settings.progress and processes.main) as bar:
         for start in starts:
-            batch = data.eval.batch(range(start, min(start + settings.eval_batch_size, len(data.eval))),
-                                    data.pad_id, pad_to)
+            batch = data.eval.batch(rows[start:start + settings.eval_batch_size], data.pad_id, pad_to)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             with _autocast(device):
@@ -220,16 +223,21 @@ def evaluate(model: torch.nn.Module, data: PreparedData, device: torch.device, s
             correct += int((logits.argmax(-1) == labels).sum())
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             bar.update()
+    correct, loss_sum = parallel.sum_over(torch.tensor([correct, loss_sum], dtype=torch.float64), processes,
+                                          device).tolist()
     return correct / len(data.eval), loss_sum / len(data.eval)
 
 
-def finetune(method: str, model_path: str, data: PreparedData, settings: TrainSettings) -> MethodResult:
-    """Train `method` ("lora" or "condlora") on data.train, score it on data.eval."""
+def finetune(method: str, model_path: str, data: PreparedData, settings: TrainSettings,
+             processes: Processes = SINGLE) -> MethodResult:
+    """Train `method` ("lora" or "condlora") on data.train, score it on data.eval. `processes`: under torchrun,
+    this process's place; every process calls this, with settings.device its own device (parallel.py)."""
     device = resolve_device(settings.device)
     backend = condlora_backend_name(settings.backend, device) if method == "condlora" else None
     model = add_adapter(load_model(model_path, data.label_names, settings.seed), method, settings.backend)
     model.to(device)
     trainable, adapter = count_trainable(model)
+    trained = parallel.wrap(model, processes, device)
 
     # Padding: on CUDA to max_length, so that every batch has one shape (one kernel configuration, see
     # docs/design.md §5 on autotuning); on CPU to the longest row of the batch, which does far less work.
@@ -247,36 +255,41 @@ def finetune(method: str, model_path: str, data: PreparedData, settings: TrainSe
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start_time = time.perf_counter()
-    with _progress_bar(total_steps, f"{method} train", settings.progress) as bar:
+    with _progress_bar(total_steps, f"{method} train", settings.progress and processes.main) as bar:
         for _ in range(settings.epochs):
             permutation = torch.randperm(len(data.train), generator=order).tolist()
             for start in range(0, len(permutation), settings.batch_size):
-                batch = data.train.batch(permutation[start:start + settings.batch_size], data.pad_id, pad_to)
+                rows = permutation[start:start + settings.batch_size]
+                mine, weight = parallel.my_rows(rows, processes)
+                batch = data.train.batch(mine, data.pad_id, pad_to)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 labels = batch.pop("labels")
                 with _autocast(device):
-                    logits = model(**batch).logits
-                loss = F.cross_entropy(logits.float(), labels)
+                    logits = trained(**batch).logits
+                # this process's share of the global batch's mean loss; DDP averages over the processes, hence
+                # the factor (one process: the mean cross-entropy)
+                share = F.cross_entropy(logits.float(), labels, reduction="sum") / len(rows) * weight
+                loss = share * processes.size
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
+                losses.append(share.detach())
                 bar.update()
                 if device.type != "cuda" or bar.n % 20 == 1:  # reading the loss waits for the GPU
                     bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - start_time
+    train_seconds = parallel.longest(time.perf_counter() - start_time, processes, device)
 
     eval_start = time.perf_counter()
-    accuracy, eval_loss = evaluate(model, data, device, settings, desc=f"{method} eval")
-    eval_seconds = time.perf_counter() - eval_start
-    losses = torch.stack(losses).float().cpu().tolist() if losses else []
+    accuracy, eval_loss = evaluate(model, data, device, settings, f"{method} eval", processes)
+    eval_seconds = parallel.longest(time.perf_counter() - eval_start, processes, device)
+    losses = parallel.sum_over(torch.stack(losses).float(), processes, device).tolist() if losses else []
     return MethodResult(method=method, accuracy=accuracy, trainable_params=trainable, adapter_params=adapter,
                         examples_per_s=settings.epochs * len(data.train) / train_seconds,
                         train_seconds=train_seconds, lr=settings.lr, steps=total_steps,
                         train_examples=len(data.train), eval_examples=len(data.eval), eval_seconds=eval_seconds,
                         eval_loss=eval_loss, diverged=not all(math.isfinite(v) for v in losses), backend=backend,
-                        losses=losses)
+                        losses=losses, processes=processes.size)
