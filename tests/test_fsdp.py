@@ -433,7 +433,7 @@ def test_root_left_out_drifts(runs):
     assert any("generator" in line for line in bad), "expected the generators to drift"
     drift = max(abs(a - b) for name in ranks[0]["params"] if "generator" in name
                 for a, b in zip(ranks[0]["params"][name], ranks[1]["params"][name]))
-    assert drift > 1e-4, f"rank 0 and rank 1 generators differ by only {drift:.2e}"
+    assert drift > 1e-2, f"rank 0 and rank 1 generators differ by only {drift:.2e}"  # measured: 0.12
 
 
 @pytest.mark.parametrize("name", ["store-sharded", "layer-called-alone"])
