@@ -1,6 +1,6 @@
 """Distributed training: refuse the one DDP configuration that would train CondLoRA with wrong gradients.
 
-Every CondLoRA layer of one module type uses the same generator (theta_a, theta_b) (docs/design.md §1, §8).
+Every CondLoRA layer of one module type uses the same generator (theta_a, theta_b) (docs/design.md §1, §8.7).
 DistributedDataParallel's reducer hooks each parameter's gradient accumulator and all-reduces a parameter when
 that hook fires, expecting it to fire once per backward pass. A shared parameter is fine in a plain backward and
 under non-reentrant activation checkpointing: the engine sums the contributions of every layer and runs the
