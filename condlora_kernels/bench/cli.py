@@ -9,7 +9,7 @@
 Levels: kernel (one layer, every provider, forward / backward / both), model (training steps of RoBERTa-base
 and a Llama-style stack in eager, torch.compile and reduce-overhead modes), host (host time per call of the
 layer against nn.Linear at a tiny shape), first-step (the first training step in fresh processes, cold and
-warm caches; part of the model level, on by default in a full GPU run only: about a minute).
+warm caches; part of the model level, on by default in a full GPU run only: 1-3 minutes).
 
 Writes <output>/<device>.json (every row, with device name and versions) and <device>.png, prints the
 tables, one summary line per model and mode, and the targets of issue #11 with what this run measured.
@@ -64,7 +64,7 @@ def parse_args(argv):
     parser.add_argument("--first-step", action=argparse.BooleanOptionalAction, default=None,
                         help="time the first training step of the first-step case (RoBERTa-base bf16 on GPU) in "
                              "fresh processes with cold and warm caches, per provider (default: on for a full "
-                             "GPU run only: about a minute)")
+                             "GPU run only: two processes per provider, 1-3 minutes in all)")
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"),
                         help="kernel dtypes (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--shapes", nargs="+", metavar="N,D_IN,D_OUT,R",

@@ -10,7 +10,8 @@ bf16 on GPU) and report its wall time:
 what a user meets on the first run of a new machine and on every later run. Each process also reports
 its whole wall time (interpreter start, imports, model build, first step). The in-process first step of
 every model point (model.py's `first_step_s`) comes after earlier points filled the caches; this does not.
-About a minute on a GPU for all providers, so on by default only in a full GPU run.
+Two processes per provider, each ~5-10 s of interpreter start, imports and model build before its step:
+1-3 minutes on a GPU for all providers (estimated), so on by default only in a full GPU run.
 
 `python -m condlora_kernels.bench.first_step CASE PRECISION PROVIDER DEVICE` is the child: it prints
 one JSON line, {"first_step_s": ..., "caches": the cache directories it saw}.
