@@ -134,6 +134,7 @@ def test_settings_and_levels_from_options():
     assert _levels(parse_args(["--only", "model", "--first-step"]), Settings(first_step=True)) == \
         {"model", "first-step"}
     assert _levels(parse_args(["--only", "host"]), Settings(first_step=True)) == {"host"}
+    assert _levels(parse_args(["--only", "host", "first-step"]), Settings()) == {"host", "first-step"}
     assert Settings.for_device("cuda").model_modes == MODEL_MODES and Settings.for_device("cuda").first_step
     assert Settings.for_device("cuda", quick=True).model_modes == ("eager", "reduce-overhead")
     assert Settings.for_device("cpu").model_modes == ("eager",)

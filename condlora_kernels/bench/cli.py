@@ -3,6 +3,7 @@
     condlora bench --output benchmarks/results             full run on the GPU (or small cases on CPU)
     condlora bench --only model --output benchmarks/results          the model level (the headline)
     condlora bench --only model --model-modes eager --merge ...      a part, added to the existing JSON
+    condlora bench --only host first-step --merge ...                two short levels
     condlora bench --quick --output /tmp/bench             a short run (see --quick)
     condlora bench --markdown benchmarks/results/nvidia-h200.json    README tables and targets of a result
 
@@ -51,8 +52,9 @@ def parse_args(argv):
     parser.add_argument("--output", default="condlora-bench", help="directory for the JSON and PNG (created)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                         help="auto: cuda when available, else cpu")
-    parser.add_argument("--only", choices=LEVELS, help="run one level only (model includes first-step where that "
-                                                       "is on)")
+    parser.add_argument("--only", nargs="+", choices=LEVELS, metavar="LEVEL",
+                        help=f"run these levels only ({', '.join(LEVELS)}; model includes first-step where that is "
+                             "on)")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
                         help=f"kernel providers (default all: {' '.join(PROVIDER_NAMES)}) and model providers "
                              f"({' '.join(MODEL_PROVIDERS)}); frozen is always run. Named here, condlora[reference] "
@@ -138,11 +140,10 @@ def _settings(args, device: torch.device) -> Settings:
 
 
 def _levels(args, settings: Settings) -> set:
-    if args.only == "model":
-        return {"model"} | ({"first-step"} if settings.first_step else set())
-    if args.only:
-        return {args.only}
-    return {"kernel", "model", "host"} | ({"first-step"} if settings.first_step else set())
+    levels = set(args.only or ("kernel", "model", "host"))
+    if "model" in levels and settings.first_step:
+        levels.add("first-step")
+    return levels
 
 
 def summary_lines(results: dict) -> list:
