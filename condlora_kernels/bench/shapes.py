@@ -32,7 +32,7 @@ class KernelShape:
                 "key": self.key, "note": self.note}
 
 
-# DESIGN.md §3's table, row for row (bf16 on the H100).
+# The shapes of docs/design.md §7, row for row (bf16 on the H100).
 GPU_SHAPES = (
     KernelShape(8192, 768, 768, 8, note="paper: RoBERTa-base, 16 x 512 tokens", launch_bound=True),
     KernelShape(4096, 768, 768, 8, note="RoBERTa-base, 4096 tokens", launch_bound=True),
