@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from condlora_kernels.__main__ import main
-from condlora_kernels.finetune import (RECOMMENDED_LR, InputError, TrainSettings, finetune, load_csv, load_tokenizer,
+from condlora_kernels.finetune import (InputError, TrainSettings, finetune, load_csv, load_tokenizer, recommended_lr,
                                        prepare_data)
 from condlora_kernels.finetune.data import split_indices
 
@@ -99,7 +99,7 @@ def test_tiny_run_both_methods_writes_results_and_plot(model_dir, two_class_csv,
     assert results["condlora"]["adapter_params"] == 2 * 2 * 8 * hidden
     assert results["lora"]["adapter_params"] == layers * results["condlora"]["adapter_params"]
     assert results["condlora"]["backend"] == "cpu"
-    assert all(results[m]["lr"] == RECOMMENDED_LR[m] for m in ("lora", "condlora"))  # each at its own rate
+    assert all(results[m]["lr"] == recommended_lr(m, 1) for m in ("lora", "condlora"))  # each at its own rate
     assert results["data"]["classes"] == ["neg", "pos"]
     assert results["settings"]["seed"] == 0 and results["environment"]["torch"] == torch.__version__
 

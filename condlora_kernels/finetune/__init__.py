@@ -7,8 +7,9 @@ once) -> finetune(method, model_path, data, TrainSettings(...)) -> MethodResult.
 from condlora_kernels.finetune.data import (InputError, PreparedData, TextDataset, default_data_path, load_csv,
                                             prepare_data, split_indices)
 from condlora_kernels.finetune.train import (METHODS, RECOMMENDED_LR, MethodResult, TrainSettings, finetune,
+                                             recommended_lr,
                                              load_model, load_tokenizer)
 
-__all__ = ["InputError", "METHODS", "MethodResult", "PreparedData", "RECOMMENDED_LR", "TextDataset",
+__all__ = ["InputError", "METHODS", "MethodResult", "PreparedData", "RECOMMENDED_LR", "recommended_lr", "TextDataset",
            "TrainSettings", "default_data_path", "finetune", "load_csv", "load_model", "load_tokenizer",
            "prepare_data", "split_indices"]

@@ -29,6 +29,7 @@ import torch
 
 from condlora_kernels.finetune.data import InputError, PreparedData, load_csv, prepare_data
 from condlora_kernels.finetune.train import (METHOD_TITLES, METHODS, RECOMMENDED_LR, ALPHA, RANK, TARGET_MODULES,
+                                             SHORT_RUN_LR, SHORT_RUN_STEPS, recommended_lr,
                                              TrainSettings, condlora_backend_name, finetune,
                                              load_tokenizer, resolve_device)
 
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"(default: {CPU_EPOCHS} on CPU, {CUDA_EPOCHS} on CUDA)")
     train.add_argument("--batch-size", type=_positive(int), default=32, help="(default 32)")
     train.add_argument("--lr", type=_positive(float), help="learning rate of both methods (default: each method's "
-                       + ", ".join(f"{m} {lr:g}" for m, lr in RECOMMENDED_LR.items()) + ")")
+                       "recommended rate, " + ", ".join(f"{m} {lr:g}" for m, lr in RECOMMENDED_LR.items())
+                       + f", or {SHORT_RUN_LR['condlora']:g} for runs under {SHORT_RUN_STEPS} optimizer steps)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:N")
     train.add_argument("--seed", type=int, default=0, help="head initialisation, batch order and dropout "
                                                            "(the split does not depend on it)")
@@ -256,14 +258,15 @@ def run(args, argv) -> int:
     print(f"device {device}, seed {args.seed}, {epochs} epoch(s), batch {args.batch_size}, max length "
           f"{args.max_length}, r={RANK}, alpha={ALPHA}, targets {TARGET_MODULES}, head trained in both")
     results = {}
+    steps = epochs * -(-len(data.train) // args.batch_size)
     for method in methods:
-        settings = TrainSettings(lr=args.lr or RECOMMENDED_LR[method], epochs=epochs, batch_size=args.batch_size,
+        settings = TrainSettings(lr=args.lr or recommended_lr(method, steps), epochs=epochs, batch_size=args.batch_size,
                                  seed=args.seed, device=str(device), backend=args.backend,
                                  progress=not args.no_progress)
         results[method] = finetune(method, model_path, data, settings)
     common = {k: v for k, v in vars(settings).items() if k not in ("lr", "progress")}
     common.update(r=RANK, alpha=ALPHA, target_modules=TARGET_MODULES, max_length=args.max_length,
-                  recommended_lr=RECOMMENDED_LR, lr_override=args.lr)
+                  recommended_lr={m: recommended_lr(m, steps) for m in METHODS}, lr_override=args.lr)
 
     print()
     print("\n".join(table_lines(results)))
