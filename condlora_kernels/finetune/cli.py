@@ -260,8 +260,8 @@ def run(args, argv) -> int:
     results = {}
     steps = epochs * -(-len(data.train) // args.batch_size)
     for method in methods:
-        settings = TrainSettings(lr=args.lr or recommended_lr(method, steps), epochs=epochs, batch_size=args.batch_size,
-                                 seed=args.seed, device=str(device), backend=args.backend,
+        settings = TrainSettings(lr=args.lr or recommended_lr(method, steps), epochs=epochs,
+                                 batch_size=args.batch_size, seed=args.seed, device=str(device), backend=args.backend,
                                  progress=not args.no_progress)
         results[method] = finetune(method, model_path, data, settings)
     common = {k: v for k, v in vars(settings).items() if k not in ("lr", "progress")}
