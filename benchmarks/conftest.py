@@ -1,12 +1,17 @@
 """pytest-benchmark wrappers over condlora_kernels.bench, the machinery that `condlora bench` runs too.
 
     pytest benchmarks/                                   CPU points (tiny, quick) + GPU points where CUDA is
-    pytest benchmarks/ -m gpu --benchmark-json=out.json  the GPU-scale points only
+    pytest benchmarks/ -m gpu --benchmark-json=out.json  the GPU-scale points only, with the tables
 
 The numbers to read are in each benchmark's extra_info (CUDA-event medians from triton's do_bench on GPU,
-ratio to the frozen layer, TFLOP/s, GB/s, peak memory); pytest-benchmark's own columns time a few
-synchronised rounds by wall clock. GPU-scale points carry the `gpu` marker and are skipped without CUDA.
-CONDLORA_BENCH_QUICK=1 shortens the GPU timings. Timings are never asserted on.
+ratio to the frozen layer, TFLOP/s, GB/s, peak memory, host time per call); pytest-benchmark's own columns
+time a few synchronised rounds by wall clock. GPU-scale points carry the `gpu` marker and are skipped
+without CUDA. CONDLORA_BENCH_QUICK=1 shortens the GPU timings. Timings are never asserted on.
+
+pytest-benchmark's tables (one per group, hundreds of lines) are not printed by default, so that they do
+not bury the test run's output: the points are still timed and --benchmark-json still writes them. They
+are printed when the run selects the `gpu` marker (`-m gpu`), asks with --benchmark-verbose, or sets
+CONDLORA_BENCH_TABLES=1.
 """
 
 import os
@@ -15,7 +20,18 @@ import pytest
 import torch
 
 from condlora_kernels.bench import KernelSuite, ModelSuite, Settings
+from condlora_kernels.bench.host import HostSuite
 from condlora_kernels.bench.timing import synchronized, torch_threads
+
+
+def pytest_configure(config):
+    """--benchmark-quiet unless tables were asked for (the module docstring says when). Runs before
+    pytest-benchmark's own pytest_configure (trylast), which reads the option."""
+    if not config.pluginmanager.hasplugin("benchmark") or not hasattr(config.option, "benchmark_quiet"):
+        return
+    wanted = "gpu" in (config.option.markexpr or "") or os.environ.get("CONDLORA_BENCH_TABLES") == "1"
+    if not wanted and not config.option.benchmark_verbose:
+        config.option.benchmark_quiet = True
 
 ROUNDS = {"cpu": 3, "cuda": 10}  # pytest-benchmark's own rounds per point
 
@@ -47,6 +63,19 @@ def model_suite():
     return _per_device(ModelSuite)
 
 
+@pytest.fixture(scope="session")
+def host_points():
+    """host_points("cpu" | "cuda") -> {provider: Point}, measured once per session and device."""
+    points = {}
+
+    def get(device_type: str):
+        if device_type not in points:
+            points[device_type] = HostSuite(bench_settings(device_type)).measure(device_type)
+        return points[device_type]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _cpu_threads(request):
     """CPU points run with the settings' thread count (one thread: see timing.torch_threads), restored after."""
@@ -71,7 +100,7 @@ def record_point():
             pytest.skip(f"{row['provider']}: {row['reason']}")
         if row["status"] == "error":
             pytest.fail(f"{row['provider']} raised: {row['reason']}")
-        assert row["median_ms"] > 0
+        assert (row["us_per_call"] if "us_per_call" in row else row["median_ms"]) > 0  # host rows: µs per call
         benchmark.pedantic(synchronized(point.step, torch.device(device)), rounds=rounds or ROUNDS[device],
                            warmup_rounds=1, iterations=1)
 

@@ -1,19 +1,29 @@
 """`condlora bench` on CPU: a quick run writes the JSON (rows with device and versions) and the PNG, and
-`--markdown` turns the JSON into the README tables. Timings are not checked, only that they are there."""
+`--markdown` turns the JSON into the README tables and the targets. Timings are not checked, only that they
+are there; the targets' logic is checked on a made-up GPU result."""
 
 import importlib.util
 import json
+import math
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from condlora_kernels.bench import report
-from condlora_kernels.bench.cli import main
+from condlora_kernels.bench.cli import _levels, _settings, main, parse_args, summary_lines, target_lines
+from condlora_kernels.bench.first_step import measure_first_steps
 from condlora_kernels.bench.providers import PROVIDER_NAMES, flop_count
-from condlora_kernels.bench.shapes import MODES, KernelShape
+from condlora_kernels.bench.shapes import MODEL_MODES, MODES, KernelShape, Settings
 
 KERNEL_FIELDS = {"provider", "shape", "mode", "dtype", "median_ms", "ratio_to_frozen", "tflops", "gbps",
                  "peak_mem_bytes", "status", "device", "torch", "triton"}
+MODEL_FIELDS = {"provider", "model", "mode", "precision", "median_ms", "examples_per_s", "ratio_to_frozen",
+                "ratio_to_peft", "peak_mem_bytes", "first_step_s", "point_s", "status", "device", "torch"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+H100_RESULT = Path(__file__).parent.parent / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3.json"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +38,7 @@ def test_quick_cpu_run_writes_json_and_png(quick_run):
     assert rc == 0
     results = json.loads((out / "cpu-quick.json").read_text())
     env = results["environment"]
-    assert env["device"].startswith("CPU") and env["torch"] and "triton" in env
+    assert env["device"].startswith("CPU") and env["torch"] and "triton" in env and env["auto_backend"] == "cpu"
     kernel = results["kernel"]
     assert {(r["provider"], r["mode"]) for r in kernel} == {(p, m) for p in PROVIDER_NAMES for m in MODES}
     for row in kernel:
@@ -42,14 +52,35 @@ def test_quick_cpu_run_writes_json_and_png(quick_run):
             assert row["median_ms"] > 0 and row["ratio_to_frozen"] > 0 and row["tflops"] > 0 and row["gbps"] > 0
     frozen = [r for r in kernel if r["provider"] == "frozen"]
     assert all(r["ratio_to_frozen"] == 1.0 for r in frozen)
-    if importlib.util.find_spec("transformers") is not None:
+    host = {r["provider"]: r for r in results["host"]}
+    assert set(host) == {"frozen", "condlora"} and host["condlora"]["backend"] == "cpu"
+    assert host["frozen"]["ratio_to_frozen"] == 1.0 and host["condlora"]["us_per_call"] > 0
+    assert results["first_step"] == []  # off by default on CPU
+    if HAS_TRANSFORMERS:
         model = results["model"]
-        assert {r["model"] for r in model} == {"roberta-tiny", "llama-tiny"}
-        assert all(r["examples_per_s"] > 0 for r in model if r["status"] == "ok")
-        assert {"frozen", "paper_code_condlora", "condlora[reference]"} <= {r["provider"] for r in model
-                                                                            if r["status"] == "ok"}
+        assert {(r["model"], r["mode"]) for r in model} == {("roberta-tiny", "eager"), ("llama-tiny", "eager")}
+        ok_model = [r for r in model if r["status"] == "ok"]
+        assert {"frozen", "peft_lora", "paper_code_condlora", "condlora[cpu]", "condlora[reference]"} == \
+            {r["provider"] for r in ok_model}
+        for row in ok_model:
+            assert MODEL_FIELDS <= set(row)
+            assert row["examples_per_s"] > 0 and row["first_step_s"] > 0 and row["ratio_to_peft"] > 0
+        assert all(r["ratio_to_frozen"] == 1.0 for r in ok_model if r["provider"] == "frozen")
+        assert all(r["ratio_to_peft"] == 1.0 for r in ok_model if r["provider"] == "peft_lora")
     if HAS_MATPLOTLIB:
         assert (out / "cpu-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_and_target_lines(quick_run):
+    _, out = quick_run
+    results = report.read_json(str(out / "cpu-quick.json"))
+    if HAS_TRANSFORMERS:
+        lines = summary_lines(results)
+        assert any(line.startswith("roberta-tiny fp32 eager: fastest CondLoRA condlora[") for line in lines)
+    lines = target_lines(results)
+    # a CPU run measures one target, the host time on CPU tensors; the GPU models' are not measured
+    assert [line.split()[0] for line in lines[1:-1]] in (["met"], ["MISSED"])
+    assert "cpu tensors" in lines[1] and "not measured in this run" in lines[-1]
 
 
 def test_markdown_from_json(quick_run, capsys):
@@ -59,6 +90,12 @@ def test_markdown_from_json(quick_run, capsys):
     text = capsys.readouterr().out
     assert "| N, d_in, d_out, r | frozen (ms) |" in text
     assert "| 256, 64, 64, r=4 |" in text
+    assert "| tensors | layer (backend) |" in text and "| CPU | FusedCondLoRALinear (cpu) | 8x64x64 r4 |" in text
+    assert "| target (issue #11) | measured | met |" in text
+    if HAS_TRANSFORMERS:
+        assert "| model | mode | provider | step (ms) | examples/s | × frozen (same mode) | " \
+               "× PEFT LoRA (same mode) | peak memory (GiB) | first step (s) |" in text
+        assert "| roberta-tiny 2×64 fp32 | eager | peft_lora |" in text and "lower is better" in text
 
 
 def test_top_level_cli_routes_to_bench(quick_run, capsys):
@@ -71,11 +108,137 @@ def test_top_level_cli_routes_to_bench(quick_run, capsys):
     assert "frozen (ms)" in capsys.readouterr().out
 
 
+def test_merge_replaces_only_what_was_measured_again(quick_run, tmp_path):
+    """A run in parts: `--only host --merge` keeps the kernel and model rows and replaces the host rows."""
+    _, out = quick_run
+    shutil.copy(out / "cpu-quick.json", tmp_path / "cpu-quick.json")
+    before = report.read_json(str(tmp_path / "cpu-quick.json"))
+    assert main(["--quick", "--device", "cpu", "--only", "host", "--merge", "--no-plot", "--output",
+                 str(tmp_path)]) == 0
+    after = report.read_json(str(tmp_path / "cpu-quick.json"))
+    assert after["kernel"] == before["kernel"] and after["model"] == before["model"]
+    assert len(after["host"]) == 2 and after["host"] != before["host"]
+    assert [run["created"] for run in after["runs"]] == [before["created"], after["created"]]
+    other = dict(after, environment=dict(after["environment"], device="NVIDIA H200"))
+    with pytest.raises(ValueError, match="from 'CPU.*NVIDIA H200"):
+        report.merge_results(after, other)
+
+
+def test_settings_and_levels_from_options():
+    cpu = torch.device("cpu")
+    args = parse_args(["--model-modes", "reduce-overhead", "eager", "--providers", "frozen", "condlora[reference]"])
+    settings = _settings(args, cpu)
+    assert settings.model_modes == ("eager", "reduce-overhead")  # in the canonical order
+    assert settings.eager_only_providers == ()  # named: runs in every mode
+    assert _levels(args, settings) == {"kernel", "model", "host"}  # no first step by default on CPU
+    assert _levels(parse_args(["--only", "model", "--first-step"]), Settings(first_step=True)) == \
+        {"model", "first-step"}
+    assert _levels(parse_args(["--only", "host"]), Settings(first_step=True)) == {"host"}
+    assert _levels(parse_args(["--only", "host", "first-step"]), Settings()) == {"host", "first-step"}
+    assert Settings.for_device("cuda").model_modes == MODEL_MODES and Settings.for_device("cuda").first_step
+    assert Settings.for_device("cuda", quick=True).model_modes == ("eager", "reduce-overhead")
+    assert Settings.for_device("cpu").model_modes == ("eager",)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+def test_first_step_in_fresh_processes():
+    """Cold then warm process per provider with the cache directories set; unavailable providers start none."""
+    settings = Settings.for_device("cpu")
+    rows = {r["provider"]: r for r in measure_first_steps(torch.device("cpu"), settings,
+                                                           ["condlora[cpu]", "condlora[triton]"])}
+    ours = rows["condlora[cpu]"]
+    assert ours["status"] == "ok", ours["reason"]
+    assert ours["model"] == "roberta-tiny" and ours["mode"] == "eager"
+    for cache in ("cold", "warm"):
+        assert 0 < ours[f"{cache}_s"] < ours[f"{cache}_process_s"]
+    assert rows["condlora[triton]"]["status"] == "skipped" and rows["condlora[triton]"]["cold_process_s"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports from made-up results
+# --------------------------------------------------------------------------------------------------
+
+
 def _row(provider, mode, status="ok", ratio=1.0, timer="cpu", repeat=0, shape="8x4x6 r2 general"):
     ok = status == "ok"
     return {"provider": provider, "shape": shape, "mode": mode, "dtype": "fp32", "timer": timer, "repeat": repeat,
             "median_ms": 1.0 if ok else None, "ratio_to_frozen": ratio if ok else None, "status": status,
             "reason": {"error": "boom", "n/a": "square only"}.get(status, "")}
+
+
+def _results(**levels):
+    return {"schema": report.SCHEMA, "created": "2026-01-01T00:00:00", "settings": {"quick": True},
+            "environment": {"device": "NVIDIA H200", "device_type": "cuda", "torch": "x", "triton": "y",
+                            "auto_backend": "cuda"},
+            **{level: levels.get(level, []) for level in ("kernel", "model", "host", "first_step")}, "notes": []}
+
+
+def _model_row(model, mode, provider, ms, peak_gib=1.0, status="ok"):
+    return {"model": model, "mode": mode, "provider": provider, "precision": "bf16", "batch": 16, "seq": 512,
+            "median_ms": ms if status == "ok" else None, "examples_per_s": 16 / ms * 1e3,
+            "peak_mem_bytes": int(peak_gib * report.GiB), "first_step_s": 2.0, "status": status,
+            "reason": "boom" if status == "error" else ""}
+
+
+def _gpu_model_rows():
+    """Frozen 10 ms, PEFT 12 ms, condlora[triton] 10.4 ms and condlora[cuda] 11 ms everywhere, except that on
+    the Llama stack under compile both CondLoRA backends take 13 ms, and condlora[cuda] errs under
+    reduce-overhead on RoBERTa; CondLoRA's peak memory is 0.9 GiB against PEFT's 1.0 GiB."""
+    rows = []
+    for model in ("roberta-base", "llama-4096-2L"):
+        for mode in MODEL_MODES:
+            slow = model == "llama-4096-2L" and mode == "compile"
+            rows += [_model_row(model, mode, "frozen", 10.0), _model_row(model, mode, "peft_lora", 12.0),
+                     _model_row(model, mode, "condlora[triton]", 13.0 if slow else 10.4, 0.9),
+                     _model_row(model, mode, "condlora[cuda]", 13.0 if slow else 11.0, 0.9,
+                                status="error" if (model, mode) == ("roberta-base", "reduce-overhead") else "ok")]
+    report.fill_model_ratios(rows)
+    return rows
+
+
+def test_targets_of_a_gpu_result():
+    host = [{"provider": p, "layer": layer, "backend": backend, "device_type": "cpu", "shape": "8x64x64 r4",
+             "us_per_call": us, "ratio_to_frozen": us / 20.0, "status": "ok", "reason": ""}
+            for p, layer, backend, us in (("frozen", "nn.Linear", None, 20.0),
+                                          ("condlora", "FusedCondLoRALinear", "cpu", 30.0))]
+    first = [{"provider": p, "model": "roberta-base", "precision": "bf16", "cold_s": cold, "warm_s": warm,
+              "cold_process_s": cold + 9, "warm_process_s": warm + 8, "status": "ok", "reason": ""}
+             for p, cold, warm in (("peft_lora", 1.0, 0.5), ("condlora[triton]", 30.0, 1.0),
+                                   ("condlora[cuda]", 5.0, 2.0))]
+    results = _results(model=_gpu_model_rows(), host=host, first_step=first)
+    met = {target: m for target, _, m in report.targets(results)}
+    required = "faster than PEFT LoRA in every mode on both models, peak memory not higher (required)"
+    assert met[f"best CondLoRA {required}"] is False  # the Llama stack under compile
+    assert met["roberta-base eager: best CondLoRA faster than PEFT LoRA, peak memory not higher"] is True
+    assert met["llama-4096-2L compile: best CondLoRA faster than PEFT LoRA, peak memory not higher"] is False
+    assert met["roberta-base eager: best CondLoRA step ≤ 1.15× frozen"] is True  # 1.04×
+    assert met["roberta-base eager: condlora[cuda] (auto) step ≤ 1.15× frozen"] is True  # 1.10×
+    assert met["roberta-base compile: condlora[cuda] (auto) step ≤ 1.05× frozen"] is False  # 1.10×
+    assert met["roberta-base reduce-overhead: condlora[cuda] (auto) step ≤ 1.05× frozen"] is None  # it erred
+    assert met[f"condlora[cuda] (auto) {required}"] is False
+    assert met["host time of FusedCondLoRALinear fwd+bwd, cpu tensors: ≤ 2× frozen nn.Linear's"] is True
+    assert met["host time of FusedCondLoRALinear fwd+bwd, cuda tensors: ≤ 3× frozen nn.Linear's"] is None
+    # best first step: condlora[cuda] cold (5 s ≤ 1 + 10), condlora[triton] warm (1 s ≤ 0.5 + 1)
+    assert met["roberta-base first step, cold caches: best CondLoRA ≤ PEFT LoRA's + 10 s"] is True
+    assert met["roberta-base first step, warm caches: best CondLoRA ≤ PEFT LoRA's + 1 s"] is True
+    assert met["roberta-base first step, warm caches: condlora[cuda] (auto) ≤ PEFT LoRA's + 1 s"] is False
+    text = report.markdown(results)
+    assert "| roberta-base 16×512 bf16 | compile | condlora[triton] | 10.4 | 1538.5 | 1.04× | 0.87× | 0.90 | " \
+           "2.00 |" in text
+    assert "| roberta-base bf16 | condlora[triton] | 30.0 | 1.00 | 39.0 | 9.00 |" in text  # the first-step table
+    assert "| roberta-base first step, cold caches: best CondLoRA ≤ PEFT LoRA's + 10 s | condlora[cuda]: 5.0 s vs " \
+           "PEFT 1.0 s | yes |" in text
+    assert "`condlora[cuda]` (roberta-base bf16 reduce-overhead): error: boom" in text
+
+
+def test_old_results_still_read():
+    """Schema 1 (eager model rows with examples/s over PEFT's) reads as eager rows with time ratios."""
+    results = report.read_json(str(H100_RESULT))
+    rows = {(r["model"], r["precision"], r["provider"]): r for r in results["model"]}
+    assert {r["mode"] for r in results["model"]} == {"eager"}
+    peft, ours = rows[("roberta-base", "bf16", "peft_lora")], rows[("roberta-base", "bf16", "condlora[cuda]")]
+    assert ours["ratio_to_peft"] == pytest.approx(ours["median_ms"] / peft["median_ms"], rel=1e-6)
+    assert "| roberta-base 16×512 bf16 | eager | condlora[cuda] |" in report.markdown(results)
 
 
 def test_markdown_and_plot_of_error_and_na_rows(tmp_path):
@@ -84,9 +247,7 @@ def test_markdown_and_plot_of_error_and_na_rows(tmp_path):
                                                                      for m in MODES]
     rows += [_row(p, m, shape="8x4x4 r2") for p in ("frozen", "paper_code") for m in MODES]
     rows += [_row("frozen", "forward", timer="cudagraph", repeat=1)]
-    results = {"schema": report.SCHEMA, "created": "2026-01-01T00:00:00", "settings": {"quick": True},
-               "environment": {"device": "CPU", "device_type": "cpu", "torch": "x", "triton": "y"},
-               "kernel": rows, "model": [], "notes": []}
+    results = _results(kernel=rows, model=_gpu_model_rows())
     text = report.markdown(results)
     assert "2.00× / 2.00× / 2.00×" in text and "| n/a |" in text and "| err |" in text
     assert "`condlora[triton]`: error: boom" in text
@@ -94,6 +255,25 @@ def test_markdown_and_plot_of_error_and_na_rows(tmp_path):
     if HAS_MATPLOTLIB:
         assert report.plot(results, str(tmp_path / "p.png")) is None
         assert (tmp_path / "p.png").exists()
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="needs matplotlib")
+def test_bars_carry_their_values_and_the_legend_covers_none():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"g": g, "s": s, "v": v} for g, s, v in (("a", "x", 1.5), ("a", "y", 2.25), ("b", "x", 0.75))]
+    fig, ax = plt.subplots()
+    report._bars(ax, rows, lambda r: r["g"], lambda r: r["s"], lambda r: r["v"], {"x": "red", "y": "blue"})
+    fig.canvas.draw()
+    labels = sorted(t.get_text() for t in ax.texts if t.get_text())
+    assert labels == ["0.75", "1.50", "2.25"]  # one per bar that exists; the missing (b, y) bar has none
+    assert math.isnan(ax.containers[1].datavalues[1])
+    legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y1 < axes_box.y0  # below the axes: over no bar
+    plt.close(fig)
 
 
 def test_flop_count_matches_design_cost_model():

@@ -1,4 +1,4 @@
-"""CondLoRA under DistributedDataParallel: exact gradients or a clear error, in every configuration (§8).
+"""CondLoRA under DDP: exact gradients or a clear error, in every configuration (docs/design.md §8.7).
 
 Two CPU processes (gloo) train a tiny BERT (from a config, float64) for a few SGD steps on halves of each global
 batch; a single process trains the same model on the whole global batches. Every configuration either matches

@@ -182,3 +182,21 @@ def test_torch_compile_matches_eager_with_dropout(device):
     torch.testing.assert_close(y_comp, y_eager)
     for a, b_ in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b_)
+
+
+def test_compiling_before_any_eager_call_compiles_once(monkeypatch):
+    """The backend choice is remembered for eager calls only: a graph traced before any eager call must not guard
+    on that memory, or the first eager call would make it recompile."""
+    from condlora_kernels.ops import backends
+
+    monkeypatch.setattr(backends, "_RESOLVED", {})
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    layer = FusedCondLoRALinear(8, 8, r=2)
+    compiled = torch.compile(layer, backend=counter)
+    x = torch.randn(3, 8)
+    compiled(x)
+    layer(x)  # eager: fills the memory
+    compiled(x)
+    assert counter.frame_count == 1

@@ -105,7 +105,8 @@ def summarize(points: list) -> dict:
     for row in points:
         table.setdefault(variant(row), {}).setdefault(row["lr"], []).append(row)
     summary = {}
-    for name, by_lr in table.items():
+    order = {"lora": 0, "condlora": 1, "condlora[reference]": 2}  # points arrive in any order from the workers
+    for name, by_lr in sorted(table.items(), key=lambda item: order.get(item[0], len(order))):
         summary[name] = {}
         for lr, rows in sorted(by_lr.items()):
             accs = [r["accuracy"] for r in sorted(rows, key=lambda r: r["seed"])]
@@ -135,7 +136,7 @@ def markdown(record: dict) -> str:
     for name, by_lr in summary.items():
         best = best_lr(by_lr)
         for lr, cell in by_lr.items():
-            acc = f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}"
+            acc = f"{100 * cell['mean']:.2f}" + (f" ± {100 * cell['std']:.2f}" if cell["n"] > 1 else "")
             lines.append(f"| {name} | {params[name]:,} | {lr:g} | {'**' + acc + '**' if lr == best else acc} | "
                          f"{cell['n']} | {cell['diverged']} | {cell['examples_per_s']:.0f} |")
     lines.append("")
@@ -153,11 +154,12 @@ def markdown(record: dict) -> str:
             pairs = {p["seed"]: p["accuracy"] for p in points if variant(p) == "condlora" and p["lr"] == lr}
             diffs = [100 * (p["accuracy"] - pairs[p["seed"]]) for p in points
                      if variant(p) == "condlora[reference]" and p["lr"] == lr and p["seed"] in pairs]
-            spread = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+            if not diffs:
+                continue
+            spread = (f" ± {statistics.stdev(diffs):.2f} points over {len(diffs)} seeds (seed-to-seed std of the "
+                      f"fused runs: {100 * fused['std']:.2f})" if len(diffs) > 1 else " points, one seed: no spread")
             lines.append(f"Reference against fused backend at lr {lr:g}: {100 * ref['mean']:.2f} against "
-                         f"{100 * fused['mean']:.2f}; per-seed difference {statistics.fmean(diffs):+.2f} "
-                         f"± {spread:.2f} points over {len(diffs)} seed(s) (seed-to-seed std of the fused runs: "
-                         f"{100 * fused['std']:.2f}).")
+                         f"{100 * fused['mean']:.2f}; per-seed difference {statistics.fmean(diffs):+.2f}{spread}.")
     return "\n".join(lines) + "\n"
 
 

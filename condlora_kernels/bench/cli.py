@@ -1,59 +1,89 @@
-"""`condlora bench` (also `python -m condlora_kernels bench`): kernel and model benchmarks on this machine.
+"""`condlora bench` (also `python -m condlora_kernels bench`): kernel, model, host-time and first-step benchmarks.
 
-    condlora bench --output benchmarks/results            full run on the GPU (or small shapes on CPU)
-    condlora bench --quick --output /tmp/bench            about a minute
-    condlora bench --markdown benchmarks/results/nvidia-h100-80gb-hbm3.json    README tables from a result
+    condlora bench --output benchmarks/results             full run on the GPU (or small cases on CPU)
+    condlora bench --only model --output benchmarks/results          the model level (the headline)
+    condlora bench --only model --model-modes eager --merge ...      a part, added to the existing JSON
+    condlora bench --only host first-step --merge ...                two short levels
+    condlora bench --quick --output /tmp/bench             a short run (see --quick)
+    condlora bench --markdown benchmarks/results/nvidia-h200.json    README tables and targets of a result
 
-Writes <output>/<device>.json (every row, with device name and versions) and <device>.png, and prints
-the tables of ratios. Providers that cannot run here are recorded as skipped rows, providers that raise
-as error rows; neither stops the run.
+Levels: kernel (one layer, every provider, forward / backward / both), model (training steps of RoBERTa-base
+and a Llama-style stack in eager, torch.compile and reduce-overhead modes), host (host time per call of the
+layer against nn.Linear at a tiny shape), first-step (the first training step in fresh processes, cold and
+warm caches; part of the model level, on by default in a full GPU run only: 1-3 minutes).
+
+Writes <output>/<device>.json (every row, with device name and versions) and <device>.png, prints the
+tables, one summary line per model and mode, and the targets of issue #11 with what this run measured.
+Providers that cannot run here are recorded as skipped rows, providers that raise as error rows; neither
+stops the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+import time
 import warnings
 
 import torch
 
 from condlora_kernels.bench import report
+from condlora_kernels.bench.first_step import measure_first_steps
+from condlora_kernels.bench.host import HostSuite
 from condlora_kernels.bench.kernels import KernelSuite
 from condlora_kernels.bench.model import MODEL_PROVIDERS, ModelSuite
 from condlora_kernels.bench.providers import PROVIDER_NAMES
-from condlora_kernels.bench.shapes import MODES, Settings
+from condlora_kernels.bench.shapes import MODEL_MODES, MODES, Settings
 from condlora_kernels.bench.timing import torch_threads
 
-TARGET_SPEEDUP = 1.2  # issue 5: CondLoRA with this package >= 1.2x PEFT LoRA's examples/s, paper setting, bf16
+LEVELS = ("kernel", "model", "host", "first-step")
+QUICK_HELP = ("fewer shapes and model cases, shorter timings. CPU: the kernel level at two tiny shapes, the tiny "
+              "models in eager mode, host time: 8-13 s on a 2-core VM (measured). GPU: the kernel level at three "
+              "shapes, RoBERTa-base bf16 in eager and reduce-overhead modes, host time, no first-step processes: "
+              "estimated 5-10 minutes on an H200, most of it compiling RoBERTa-base (not yet measured)")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="condlora bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timings: about a minute")
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     parser.add_argument("--output", default="condlora-bench", help="directory for the JSON and PNG (created)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
                         help="auto: cuda when available, else cpu")
-    parser.add_argument("--only", choices=("kernel", "model"), help="run only one level")
+    parser.add_argument("--only", nargs="+", choices=LEVELS, metavar="LEVEL",
+                        help=f"run these levels only ({', '.join(LEVELS)}; model includes first-step where that is "
+                             "on)")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
                         help=f"kernel providers (default all: {' '.join(PROVIDER_NAMES)}) and model providers "
-                             f"({' '.join(MODEL_PROVIDERS)}); frozen is always run")
+                             f"({' '.join(MODEL_PROVIDERS)}); frozen is always run. Named here, condlora[reference] "
+                             "runs in every model mode (by default: eager only)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="kernel benchmark modes")
+    parser.add_argument("--model-modes", nargs="+", choices=MODEL_MODES,
+                        help="model-level modes (default: all three on a full GPU run, eager and reduce-overhead "
+                             "with --quick on GPU, eager on CPU, where inductor takes about a minute per model)")
+    parser.add_argument("--first-step", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the first training step of the first-step case (RoBERTa-base bf16 on GPU) in "
+                             "fresh processes with cold and warm caches, per provider (default: on for a full "
+                             "GPU run only: two processes per provider, 1-3 minutes in all)")
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"),
                         help="kernel dtypes (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--shapes", nargs="+", metavar="N,D_IN,D_OUT,R",
                         help="kernel shapes to keep, among the settings' (e.g. 8192,768,768,8)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="include the torch.compile provider (default: on for a full GPU run)")
+                        help="include the kernel level's torch.compile provider (default: on for a full GPU run)")
     parser.add_argument("--cudagraph", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the launch-bound shapes under CUDA graphs (default: on, on GPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads for a CPU run (default: 1 with --quick, "
                                                     "else torch's default)")
     parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout at model level (default 0)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's rows to the existing <output>/<device>.json (same device), replacing "
+                             "the rows measured again: a full run in parts (--only, --model-modes)")
     parser.add_argument("--markdown", metavar="RESULTS_JSON",
-                        help="print the README tables of a results JSON and exit (runs nothing)")
+                        help="print the README tables and the targets of a results JSON and exit (runs nothing)")
     return parser.parse_args(argv)
 
 
@@ -68,7 +98,7 @@ def _progress(total: int):
 
 class _PlainProgress:
     def __init__(self, total):
-        self.total, self.n = total, 0
+        self.total, self.n, self.text = total, 0, ""
 
     def set_postfix_str(self, text):
         self.text = text
@@ -76,6 +106,9 @@ class _PlainProgress:
     def update(self, n=1):
         self.n += n
         print(f"[{self.n}/{self.total}] {self.text}", file=sys.stderr)
+
+    def write(self, text):
+        print(text, file=sys.stderr)
 
     def close(self):
         pass
@@ -91,6 +124,12 @@ def _settings(args, device: torch.device) -> Settings:
         settings.compile = args.compile
     if args.cudagraph is not None:
         settings.cudagraph = args.cudagraph
+    if args.model_modes:
+        settings.model_modes = tuple(m for m in MODEL_MODES if m in args.model_modes)
+    if args.first_step is not None:
+        settings.first_step = args.first_step
+    if args.providers:  # what is named runs in every mode
+        settings.eager_only_providers = tuple(p for p in settings.eager_only_providers if p not in args.providers)
     if args.shapes:
         wanted = {tuple(int(v) for v in s.split(",")) for s in args.shapes}
         known = settings.shapes
@@ -100,22 +139,42 @@ def _settings(args, device: torch.device) -> Settings:
     return settings
 
 
+def _levels(args, settings: Settings) -> set:
+    levels = set(args.only or ("kernel", "model", "host"))
+    if "model" in levels and settings.first_step:
+        levels.add("first-step")
+    return levels
+
+
 def summary_lines(results: dict) -> list:
-    """The headline: this package against PEFT LoRA in the paper setting (bf16), and the error count."""
+    """Per model, precision and mode: the fastest CondLoRA provider against PEFT LoRA and the frozen model;
+    then the error count."""
     lines = []
-    for precision in ("bf16", "fp32"):
-        rows = [r for r in results.get("model", []) if r["status"] == "ok" and r["model"] == "roberta-base"
-                and r["precision"] == precision]
-        ours = [r for r in rows if r["provider"].startswith("condlora[") and r.get("speedup_vs_peft")]
-        if ours:
-            best = max(ours, key=lambda r: r["speedup_vs_peft"])
-            verdict = ("met" if best["speedup_vs_peft"] >= TARGET_SPEEDUP else "not met") if precision == "bf16" else ""
-            lines.append(f"roberta-base {precision}, paper setting: fastest CondLoRA ({best['provider']}) runs "
-                         f"{best['speedup_vs_peft']:.2f}x PEFT LoRA's examples/s"
-                         + (f" (target >= {TARGET_SPEEDUP}x: {verdict})" if verdict else ""))
-    errors = [r for r in results.get("kernel", []) + results.get("model", []) if r["status"] == "error"]
+    rows = [r for r in results.get("model", []) if r["status"] == "ok"]
+    for model, precision, mode in dict.fromkeys((r["model"], r["precision"], r["mode"]) for r in rows):
+        point = [r for r in rows if (r["model"], r["precision"], r["mode"]) == (model, precision, mode)]
+        ours = [r for r in point if r["provider"].startswith("condlora[")]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        vs = [f"{best[key]:.2f}× {name}'s" for key, name in (("ratio_to_peft", "PEFT LoRA"), ("ratio_to_frozen",
+                                                                                           "frozen")) if best[key]]
+        lines.append(f"{model} {precision} {mode}: fastest CondLoRA {best['provider']} {best['median_ms']:.1f} ms/step"
+                     + (f" = {', '.join(vs)} step time" if vs else ""))
+    errors = [r for level in report.ROW_KEYS for r in results.get(level, []) if r["status"] == "error"]
     if errors:
         lines.append(f"{len(errors)} point(s) raised; their messages are in the JSON (status 'error')")
+    return lines
+
+
+def target_lines(results: dict) -> list:
+    """The targets this run measured, met or missed, and how many it could not (the markdown lists them all)."""
+    checked = report.targets(results)
+    lines = ["Targets (issue #11):"] + [f"  {'met   ' if met else 'MISSED'} {target}: {measured}"
+                                        for target, measured, met in checked if met is not None]
+    unmeasured = sum(met is None for _, _, met in checked)
+    if unmeasured:
+        lines.append(f"  {unmeasured} of {len(checked)} targets not measured in this run (`--markdown` lists them)")
     return lines
 
 
@@ -143,33 +202,56 @@ def main(argv=None) -> int:
         print(f"condlora bench: unknown providers {sorted(unknown)}", file=sys.stderr)
         return 2
 
+    levels = _levels(args, settings)
     kernels = KernelSuite(device, settings)
     models = ModelSuite(device, settings, dropout=args.dropout)
+    hosts = HostSuite(settings)
     notes = []
-    kernel_plan = [] if args.only == "model" else kernels.plan(kernel_providers, args.modes)
-    model_plan = [] if args.only == "kernel" else models.plan(model_providers)
-    if model_plan and not _has("transformers"):
+    kernel_plan = kernels.plan(kernel_providers, args.modes) if "kernel" in levels else []
+    model_plan = models.plan(model_providers) if "model" in levels else []
+    first_step_providers = [p for p in MODEL_PROVIDERS if p in model_providers] if "first-step" in levels else []
+    host_devices = (["cpu"] + (["cuda"] if device.type == "cuda" else [])) if "host" in levels else []
+    if (model_plan or first_step_providers) and importlib.util.find_spec("transformers") is None:
         notes.append("model level skipped: transformers is not installed")
-        model_plan = []
+        model_plan, first_step_providers = [], []
 
-    print(f"condlora bench on {report.device_name(device)}: {len(kernel_plan)} kernel points, "
-          f"{len(model_plan)} model points{' (quick)' if settings.quick else ''}", file=sys.stderr)
-    bar = _progress(len(kernel_plan) + len(model_plan))
+    print(f"condlora bench on {report.device_name(device)}: {len(kernel_plan)} kernel points, {len(model_plan)} "
+          f"model points ({', '.join(settings.model_modes)}), {len(host_devices)} host-time devices, "
+          f"{len(first_step_providers)} first-step providers{' (quick)' if settings.quick else ''}", file=sys.stderr)
+    first_step_rows = []
+    bar = _progress(len(kernel_plan) + len(model_plan) + len(host_devices) + bool(first_step_providers))
+    last = ""
     with warnings.catch_warnings(), torch_threads(settings.cpu_threads if device.type == "cpu" else None):
         warnings.simplefilter("ignore")  # library chatter (PEFT, transformers) would break the progress bar
         for provider, shape, mode, dtype in kernel_plan:
             bar.set_postfix_str(f"{provider} {shape.key} {mode} {dtype}")
             kernels.measure(provider, shape, mode, dtype)
             bar.update()
-        for case, precision, provider in model_plan:
-            bar.set_postfix_str(f"{provider} {case.name} {precision}")
-            models.measure(case, precision, provider)
+        for case, precision, mode, provider in model_plan:
+            bar.set_postfix_str(f"{case.name} {precision} {mode} {provider}{last}")
+            row = models.measure(case, precision, mode, provider).row
+            if row["status"] != "skipped":  # one line per point: how long each took (the time budget of a run)
+                bar.write(f"  model {case.name} {precision} {mode} {provider}: {row['status']}, "
+                          f"{row['point_s']:.1f} s")
+            last = f" (previous point {row['point_s']:.1f} s)"
+            bar.update()
+        for device_type in host_devices:
+            bar.set_postfix_str(f"host time, {device_type} tensors")
+            hosts.measure(device_type)
+            bar.update()
+        if first_step_providers:
+            bar.set_postfix_str(f"first step in fresh processes, {len(first_step_providers)} providers")
+            started = time.perf_counter()
+            first_step_rows = measure_first_steps(device, settings, first_step_providers)
+            bar.write(f"  first step, cold and warm processes: {time.perf_counter() - started:.1f} s")
             bar.update()
     bar.close()
 
-    results = report.make_results(device, settings, kernels.rows, models.rows, notes)
+    results = report.make_results(device, settings, kernels.rows, models.rows, notes, hosts.rows, first_step_rows)
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, report.device_slug(results) + ("-quick" if settings.quick else ""))
+    if args.merge and os.path.exists(stem + ".json"):
+        results = report.merge_results(report.read_json(stem + ".json"), results)
     report.write_json(results, stem + ".json")
     written = [stem + ".json"]
     if not args.no_plot:
@@ -178,17 +260,11 @@ def main(argv=None) -> int:
             print(f"condlora bench: {why_not}", file=sys.stderr)
         else:
             written.append(stem + ".png")
-    print(report.markdown(results))
-    for line in summary_lines(results):
+    print(report.markdown(results, with_targets=False))  # the targets come last, as lines
+    for line in summary_lines(results) + target_lines(results):
         print(line)
     print("wrote " + ", ".join(written))
     return 0
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 if __name__ == "__main__":

@@ -1,16 +1,49 @@
-"""Model-level benchmark: training throughput of a transformers model built from its config.
+"""Model-level benchmark: training steps of a transformers model built from its config, in three modes.
 
 Providers (the adapters put on the same base model, copied for each):
 
-    frozen                  no adapter; the input embeddings' output requires grad, so the backward runs
-                            through every layer as with adapters: the floor
+    frozen                  no adapter; the small module `case.floor_module` before the first layer trains
+                            (RoBERTa's embedding LayerNorm, Llama's first input norm: 1.5k and 4k parameters),
+                            so that the backward runs through every layer, as with adapters: the floor
     peft_lora               peft.get_peft_model(LoraConfig(...)), PEFT's defaults (fp32 adapters)
     paper_code_condlora     the paper's code: per-target shared nn.Linear generators, forward via
                             reference.paper_code_condlora (swap_paper_code below)
     condlora[<backend>]     this package: apply_condlora(model, targets, backend=<backend>)
 
-A step is forward, loss, backward, AdamW step, zero_grad. "bf16" is mixed precision as the HF Trainer's
-bf16=True runs it (fp32 weights, torch.autocast to bf16); "fp32" is plain fp32.
+(The frozen model used to make the embeddings' output a leaf requiring grad, in a forward hook: the same
+backward, but `requires_grad_()` on an intermediate breaks torch.compile's graph, which would make the
+compiled floor a partly eager model.)
+
+Modes (shapes.MODEL_MODES), with torch._dynamo.reset() before each point so that every point compiles afresh:
+
+    eager             the model as it is
+    compile           torch.compile(model)
+    reduce-overhead   torch.compile(model, mode="reduce-overhead"): CUDA graphs (cudagraph trees), and
+                      torch.compiler.cudagraph_mark_step_begin() before each step. On CPU it compiles as
+                      `compile` does (inductor has no CPU graphs).
+
+A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step stays eager in every mode).
+"bf16" is mixed precision as the HF Trainer's bf16=True runs it (fp32 weights, torch.autocast to bf16);
+"fp32" is plain fp32. Per point, in this order:
+
+    first_step_s      the first step alone, synchronised: compilation, autotuning and allocation included,
+                      in this process, so with whatever the earlier points left in the in-memory and on-disk
+                      caches (first_step.py times it in fresh processes with cold and warm caches)
+    (warm-up)         settings.model_warmup_steps - 1 more untimed steps (one at least)
+    median_ms         the median of settings.model_steps timed steps: CUDA events on GPU, perf_counter on CPU
+    peak_mem_bytes    the peak of CUDA memory over the whole point, above what was allocated before it
+    graphs_compiled   compiled modes: the graphs Dynamo compiled (beyond graph_breaks + 1: recompilations,
+    graph_breaks      each one more compile during the first steps) and the graph breaks it met
+    point_s           the point's wall time, everything included
+
+Time of a full GPU run of this level (Settings.for_device("cuda"): RoBERTa-base and the Llama stack in bf16,
+three modes; frozen, peft_lora, paper_code_condlora, condlora[triton], condlora[cuda] in every mode and
+condlora[reference] in eager mode only: 32 points), estimated for an H200, not yet measured: eager points
+~5-20 s each (the first Triton point autotunes: ~15 s on RoBERTa, ~35 s on the Llama stack), compiled
+RoBERTa points ~40-90 s (the first of each mode the longest: later providers find most of inductor's
+kernels in its caches), compiled Llama points ~15-40 s: about 8-14 minutes in all. The progress bar prints
+each point's wall time and the rows keep it (`point_s`). To stay within a time limit per command, run it in
+parts: `--only model --model-modes eager compile --merge`, then `--model-modes reduce-overhead --merge`.
 """
 
 from __future__ import annotations
@@ -20,8 +53,9 @@ import copy
 import gc
 import importlib
 import importlib.util
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +65,8 @@ from condlora_kernels import reference, timing
 from condlora_kernels.bench import report
 from condlora_kernels.bench.kernels import Point, error_message
 from condlora_kernels.bench.providers import backend_unavailable_reason
-from condlora_kernels.bench.shapes import ModelCase, Settings
+from condlora_kernels.bench.shapes import MODEL_MODES, ModelCase, Settings
+from condlora_kernels.bench.timing import synchronize
 from condlora_kernels.integrations.model import apply_condlora, match_target, set_submodule
 
 MODEL_PROVIDERS = ("frozen", "peft_lora", "paper_code_condlora", "condlora[triton]", "condlora[cuda]",
@@ -113,7 +148,9 @@ def build_model(case: ModelCase, device: torch.device) -> nn.Module:
     transformers = importlib.import_module("transformers")
     torch.manual_seed(0)
     if case.family == "roberta":
-        config = transformers.RobertaConfig(**dict(case.config), num_labels=2)
+        # problem_type set here rather than by the first call, which would make torch.compile recompile
+        config = transformers.RobertaConfig(**dict(case.config), num_labels=2,
+                                            problem_type="single_label_classification")
         cls = transformers.RobertaForSequenceClassification
     elif case.family == "llama":
         config = transformers.LlamaConfig(**dict(case.config))
@@ -147,14 +184,18 @@ def attach(provider: str, model: nn.Module, case: ModelCase, dropout: float) -> 
     """Put the provider's adapters on `model` (a copy of the base); returns the model to call."""
     head = [case.head] if case.head else []
     if provider == "frozen":
+        trained = head + [case.floor_module]
+        found = set()
         for p in model.parameters():
             p.requires_grad_(False)
         for name, module in model.named_modules():
-            if head and match_target(name, head) is not None:
+            target = match_target(name, trained)
+            if target is not None:
+                found.add(target)
                 for p in module.parameters():
                     p.requires_grad_(True)
-        # make the backward run through every layer, as it does with adapters (hook: output -> leaf with grad)
-        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.detach().requires_grad_())
+        if case.floor_module not in found:
+            raise ValueError(f"model case {case.name}: floor_module {case.floor_module!r} matches no module")
         return model
     if provider == "peft_lora":
         peft = importlib.import_module("peft")
@@ -169,6 +210,59 @@ def attach(provider: str, model: nn.Module, case: ModelCase, dropout: float) -> 
     raise ValueError(f"unknown model provider {provider!r}")
 
 
+def compiled(model: nn.Module, mode: str, backend: str = "inductor") -> Callable:
+    """The model as the mode runs it (shapes.MODEL_MODES). `backend` other than inductor (tests on CPU) has
+    no reduce-overhead mode: it compiles both compiled modes the same way."""
+    if mode == "eager":
+        return model
+    if mode not in MODEL_MODES:
+        raise ValueError(f"unknown model mode {mode!r}; expected one of {MODEL_MODES}")
+    if mode == "reduce-overhead" and backend == "inductor":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model, backend=backend)
+
+
+def training_step(model: nn.Module, optimizer, batch: dict, device: torch.device, precision: str, mode: str,
+                  backend: str = "inductor") -> Callable[[], torch.Tensor]:
+    """One training step of `model` in `mode`: forward and loss (under autocast for bf16), backward, AdamW step."""
+    forward = compiled(model, mode, backend)
+    dtype = PRECISIONS[precision]
+    graphs = mode == "reduce-overhead"
+
+    def step():
+        if graphs:  # a new iteration: the CUDA graphs may reuse the previous step's outputs' memory
+            torch.compiler.cudagraph_mark_step_begin()
+        with (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
+            loss = forward(**batch).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def prepare_point(base: nn.Module, case: ModelCase, precision: str, mode: str, provider: str,
+                  device: torch.device, dropout: float = 0.0, backend: str = "inductor") -> tuple:
+    """(the step of a copy of `base` with the provider's adapters, its trainable parameter count)."""
+    model = attach(provider, copy.deepcopy(base), case, dropout)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    step = training_step(model, optimizer, make_batch(case, model, device), device, precision, mode, backend)
+    return step, sum(p.numel() for p in trainable)
+
+
+def timed_first_step(step: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of `step` in seconds, the device synchronised before and after."""
+    synchronize(device)
+    started = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------------------------------
 # The suite
 # --------------------------------------------------------------------------------------------------
@@ -176,23 +270,26 @@ def attach(provider: str, model: nn.Module, case: ModelCase, dropout: float) -> 
 
 @dataclass
 class ModelSuite:
-    """Measures (model case, precision, provider) points on one device and keeps the rows."""
+    """Measures (model case, precision, mode, provider) points on one device and keeps the rows."""
 
     device: torch.device
     settings: Settings
     dropout: float = 0.0
     rows: list = field(default_factory=list)
     _base: tuple = (None, None)  # (case name, model): one base model at a time
-    _ms: dict = field(default_factory=dict)  # (case, precision, provider) -> median step ms
 
     def __post_init__(self):
         self.device = torch.device(self.device)
         self._env = report.row_environment(self.device)
 
     def plan(self, providers=MODEL_PROVIDERS) -> list:
+        """Every (case, precision, mode, provider) of the settings: per case and mode, frozen and PEFT first
+        (the ratios' denominators); settings.eager_only_providers in eager mode only."""
         providers = [p for p in ("frozen", "peft_lora") if p in providers] + \
                     [p for p in providers if p not in ("frozen", "peft_lora")]
-        return [(case, precision, p) for case, precision in self.settings.model_cases for p in providers]
+        eager_only = self.settings.eager_only_providers
+        return [(case, precision, mode, p) for case, precision in self.settings.model_cases
+                for mode in self.settings.model_modes for p in providers if mode == "eager" or p not in eager_only]
 
     def base_model(self, case: ModelCase) -> nn.Module:
         if self._base[0] != case.name:
@@ -201,71 +298,59 @@ class ModelSuite:
             self._base = (case.name, build_model(case, self.device))
         return self._base[1]
 
-    def measure(self, case: ModelCase, precision: str, provider: str) -> Point:
+    def measure(self, case: ModelCase, precision: str, mode: str, provider: str) -> Point:
         row = {"provider": provider, "model": case.name, "case": case.as_dict(), "shape": f"{case.batch}x{case.seq}",
-               "batch": case.batch, "seq": case.seq, "tokens": case.tokens, "mode": "train step",
+               "batch": case.batch, "seq": case.seq, "tokens": case.tokens, "mode": mode,
                "precision": precision, "dtype": precision, "dropout": self.dropout, "median_ms": None,
                "examples_per_s": None, "tokens_per_s": None, "peak_mem_bytes": None, "trainable_params": None,
-               "speedup_vs_peft": None, "ratio_to_frozen": None, "status": "ok", "reason": "", **self._env,
+               "ratio_to_peft": None, "ratio_to_frozen": None, "first_step_s": None, "point_s": None,
+               "graphs_compiled": None, "graph_breaks": None,
+               "status": "ok", "reason": "", **self._env,
                "tflops": None, "gbps": None}  # kernel-level figures; a model step has no FLOP count here
         point = Point([row])
+        started = time.perf_counter()
         reason = provider_unavailable(provider, self.device, precision)
         if reason is not None:
-            row.update(status="skipped", reason=reason)
+            row.update(status="skipped", reason=reason, point_s=0.0)
             self.rows.append(row)
             return point
-        model = optimizer = None
+        step = None
         try:
+            import torch._dynamo  # here, not at the top: the first-step processes must not pay its import (~2 s)
+
+            dynamo_counters = torch._dynamo.utils.counters
             base = self.base_model(case)
+            torch._dynamo.reset()  # every point compiles afresh (and the previous point's CUDA graphs go)
+            dynamo_counters.clear()  # what this point compiles: graphs (recompilations included), breaks
             if self.device.type == "cuda":  # peak memory of this run: the copy, grads, states, activations
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
-            model = attach(provider, copy.deepcopy(base), case, self.dropout)
-            model.train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            row["trainable_params"] = sum(p.numel() for p in trainable)
-            optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-            step = self._train_step(model, optimizer, make_batch(case, model, self.device), precision)
+            step, row["trainable_params"] = prepare_point(base, case, precision, mode, provider, self.device,
+                                                          self.dropout, self.settings.compile_backend)
+            row["first_step_s"] = timed_first_step(step, self.device)
             ms = self._median_step_ms(step)
             if self.device.type == "cuda":
                 row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(self.device) - before
+            if mode != "eager":
+                row.update(graphs_compiled=dynamo_counters["stats"]["unique_graphs"],
+                           graph_breaks=sum(dynamo_counters["graph_break"].values()))
         except Exception as exc:  # recorded as an error row; the run goes on
             row.update(status="error", reason=error_message(exc))
-            model = optimizer = None
+            step = None
+            torch._dynamo.reset()
             self._cleanup()
         else:
             point.step = step
             row.update(median_ms=ms, examples_per_s=case.batch / (ms * 1e-3), tokens_per_s=case.tokens / (ms * 1e-3))
-            self._ms[(case.name, precision, provider)] = ms
+        row["point_s"] = time.perf_counter() - started
         self.rows.append(row)
-        self.fill_ratios()
+        report.fill_model_ratios(self.rows)
         return point
 
-    def fill_ratios(self) -> None:
-        """Ratios of every row to the frozen model and PEFT LoRA of the same case and precision, where measured."""
-        for row in self.rows:
-            if row["status"] == "ok":
-                frozen, peft_ms = (self._ms.get((row["model"], row["precision"], p)) for p in ("frozen", "peft_lora"))
-                row["ratio_to_frozen"] = row["median_ms"] / frozen if frozen else None
-                row["speedup_vs_peft"] = peft_ms / row["median_ms"] if peft_ms else None
-
-    def _train_step(self, model, optimizer, batch, precision):
-        dtype = PRECISIONS[precision]
-
-        def step():
-            with (torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
-                loss = model(**batch).loss
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        return step
-
     def _median_step_ms(self, step) -> float:
-        steps = dict(warmup=self.settings.model_warmup_steps, reps=self.settings.model_steps,
+        # the first step is behind us: settings.model_warmup_steps counts it
+        steps = dict(warmup=max(1, self.settings.model_warmup_steps - 1), reps=self.settings.model_steps,
                      min_reps=self.settings.model_steps)
         if self.device.type == "cuda":
             return timing.cuda_median_ms(step, **steps)

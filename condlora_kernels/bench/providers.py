@@ -1,6 +1,6 @@
 """The implementations compared at kernel level, their inputs, and the timed step of each mode.
 
-    frozen                 F.linear(x, W0, b): the floor (DESIGN.md §3)
+    frozen                 F.linear(x, W0, b): the floor (docs/design.md §7)
     lora                   reference.lora_linear: plain torch LoRA, unfused
     peft_lora              PEFT's LoRA layer (peft.tuners.lora.Linear, built by get_peft_model on a one-layer module)
     paper_code             reference.paper_code_condlora: the paper's code (square layers only)
@@ -256,7 +256,7 @@ def build_step(provider: Provider, shape: KernelShape, sets: list, mode: str) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# FLOP and byte counts (DESIGN.md §3)
+# FLOP and byte counts (docs/design.md §7)
 # --------------------------------------------------------------------------------------------------
 
 

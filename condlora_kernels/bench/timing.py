@@ -45,6 +45,12 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
     return int(peak)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """fn followed by a device synchronize, so that a wall-clock timer (pytest-benchmark's) sees the GPU work."""
     if device.type != "cuda":

