@@ -7,17 +7,15 @@ ranks equal) within TOLERANCE, or raises ReentrantCheckpointDDPError in the firs
 The processes are spawned once for all configurations (a few seconds each, the rest is start-up).
 """
 
-import datetime
-import json
 import math
 import os
-import warnings
 
 import pytest
 import torch
 
 from condlora_kernels import apply_condlora, condlora_generators
 from condlora_kernels.integrations import distributed
+from tests.distributed_runs import run_in_processes
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(
@@ -88,21 +86,29 @@ def _trained_state(model, losses):
                                          if p.requires_grad}}
 
 
-def _train_loop(model, rank, world_size, wrap=lambda m: m):
-    """SGD on this rank's share of each global batch (the whole batch when world_size is 1)."""
+def _steps(model, optimizer, rank, world_size, backward=torch.Tensor.backward):
+    """STEPS optimizer steps on this rank's share of each global batch (the whole batch when world_size is 1);
+    the losses. Shared with tests/test_fsdp.py."""
     ids, labels = _batches()
-    trained = wrap(model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     share = GLOBAL_BATCH // world_size
     losses = []
     for step in range(STEPS):
         rows = slice(rank * share, (rank + 1) * share)
-        loss = trained(input_ids=ids[step, rows], labels=labels[step, rows]).loss
-        loss.backward()
+        loss = model(input_ids=ids[step, rows], labels=labels[step, rows]).loss
+        backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def _sgd(model):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+
+
+def _train_loop(model, rank, world_size, wrap=lambda m: m):
+    """SGD on this rank's share of each global batch (the whole batch when world_size is 1)."""
+    return _steps(wrap(model), _sgd(model), rank, world_size)
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -130,6 +136,11 @@ def _train_trainer(model, ddp_kwargs, use_reentrant, output_dir):
         activation_checkpointing=use_reentrant is not None,
         activation_checkpointing_kwargs=None if use_reentrant is None else {"use_reentrant": use_reentrant},
         ddp_static_graph=ddp_kwargs.get("static_graph"))
+    return _trainer_losses(model, args)[1]
+
+
+def _trainer_losses(model, args):
+    """(the trainer, the loss of every step) of transformers.Trainer on _Rows. Shared with tests/test_fsdp.py."""
     losses = []
 
     class RecordingTrainer(transformers.Trainer):  # the logged loss is rounded: record the exact one
@@ -138,8 +149,9 @@ def _train_trainer(model, ddp_kwargs, use_reentrant, output_dir):
             losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
             return loss
 
-    RecordingTrainer(model=model, args=args, train_dataset=_Rows()).train()
-    return losses
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=_Rows())
+    trainer.train()
+    return trainer, losses
 
 
 def _train_accelerate(model, ddp_kwargs, use_reentrant, rank):
@@ -148,19 +160,8 @@ def _train_accelerate(model, ddp_kwargs, use_reentrant, rank):
     _enable_checkpointing(model, use_reentrant)
     accelerator = accelerate.Accelerator(
         cpu=True, kwargs_handlers=[accelerate.DistributedDataParallelKwargs(**ddp_kwargs)])
-    ids, labels = _batches()
-    share = GLOBAL_BATCH // WORLD_SIZE
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    losses = []
-    for step in range(STEPS):
-        rows = slice(rank * share, (rank + 1) * share)
-        loss = wrapped(input_ids=ids[step, rows], labels=labels[step, rows]).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    wrapped, optimizer = accelerator.prepare(model, _sgd(model))
+    return _steps(wrapped, optimizer, rank, WORLD_SIZE, accelerator.backward)
 
 
 def _run_config(name, rank, output_dir):
@@ -185,31 +186,11 @@ def _run_config(name, rank, output_dir):
     return _trained_state(model, losses)
 
 
-def _worker(rank, output_dir):
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    # the environment torchrun would set (accelerate and the Trainer read it); the group meets in a file, no port
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                      LOCAL_WORLD_SIZE=str(WORLD_SIZE))
-    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(output_dir, "store"), rank=rank,
-                                         world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
-    results = {name: _run_config(name, rank, output_dir) for name in CONFIGS}
-    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    torch.distributed.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{config name: (rank 0 result, rank 1 result)}, all configurations in one pair of processes."""
     pytest.importorskip("accelerate")
-    output_dir = str(tmp_path_factory.mktemp("ddp"))
-    torch.multiprocessing.spawn(_worker, args=(output_dir,), nprocs=WORLD_SIZE, join=True)
-    by_rank = []
-    for rank in range(WORLD_SIZE):
-        with open(os.path.join(output_dir, f"rank{rank}.json")) as f:
-            by_rank.append(json.load(f))
-    return {name: tuple(r[name] for r in by_rank) for name in CONFIGS}
+    return run_in_processes(_run_config, CONFIGS, WORLD_SIZE, str(tmp_path_factory.mktemp("ddp")))
 
 
 @pytest.fixture(scope="module")

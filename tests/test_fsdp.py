@@ -15,18 +15,16 @@ for all configurations.
 
 import contextlib
 import copy
-import datetime
 import functools
-import json
 import os
-import warnings
 
 import pytest
 import torch
 
 from condlora_kernels import (apply_condlora, condlora_generators, condlora_layers, load_condlora, save_condlora,
                               shard_condlora_model)
-from tests.test_distributed import _batches, _enable_checkpointing, _Rows
+from tests.distributed_runs import run_in_processes
+from tests.test_distributed import GLOBAL_BATCH, STEPS, _batches, _enable_checkpointing, _steps, _trainer_losses
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(
@@ -34,7 +32,6 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with the gloo backend is not available in this torch build")
 
 WORLD_SIZE = 2
-STEPS, GLOBAL_BATCH = 3, 4  # as tests/test_distributed.py's _batches
 LEARNING_RATE = 0.02
 # float64: FSDP2 and the single process differ only by the order of the gradient sums (~1e-16 a step); the
 # negative control (blocks sharded, the root not) drifts by ~1e-2.
@@ -94,18 +91,7 @@ def _trained_state(model, losses):
 
 def _train_loop(model, rank, world_size):
     """AdamW on this rank's share of each global batch (the whole batch when world_size is 1)."""
-    ids, labels = _batches()
-    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad])
-    share = GLOBAL_BATCH // world_size
-    losses = []
-    for step in range(STEPS):
-        rows = slice(rank * share, (rank + 1) * share)
-        loss = model(input_ids=ids[step, rows], labels=labels[step, rows]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return _steps(model, _optimizer([p for p in model.parameters() if p.requires_grad]), rank, world_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,16 +168,7 @@ def _train_accelerate(model, rank):
         optimizer = _optimizer([p for p in model.parameters() if p.requires_grad])
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         assert type(wrapped.bert.encoder.layer[0]).__name__ == "FSDPCheckpointWrapper", "not accelerate's FSDP2"
-        ids, labels = _batches()
-        share = GLOBAL_BATCH // WORLD_SIZE
-        losses = []
-        for step in range(STEPS):
-            rows = slice(rank * share, (rank + 1) * share)
-            loss = wrapped(input_ids=ids[step, rows], labels=labels[step, rows]).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = _steps(wrapped, optimizer, rank, WORLD_SIZE, accelerator.backward)
     return wrapped, losses
 
 
@@ -205,17 +182,8 @@ def _train_trainer(model, output_dir):
         weight_decay=0.0, max_grad_norm=0.0, average_tokens_across_devices=False, train_sampling_strategy="sequential",
         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
         fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
-    losses = []
-
-    class RecordingTrainer(transformers.Trainer):  # the logged loss is rounded: record the exact one
-        def compute_loss(self, *args, **kwargs):
-            loss = super().compute_loss(*args, **kwargs)
-            losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
-            return loss
-
     with _fsdp_state_on_cpu():
-        trainer = RecordingTrainer(model=model, args=args, train_dataset=_Rows())
-        trainer.train()
+        trainer, losses = _trainer_losses(model, args)
     assert type(trainer.model).__name__.startswith("FSDP"), "not the Trainer's FSDP2 path"
     return trainer.model, losses
 
@@ -275,20 +243,6 @@ def _run_config(name, rank, output_dir):
     return {**_trained_state(model, losses), "reads": reads, "backward": events}
 
 
-def _worker(rank, output_dir):
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    # the environment torchrun would set (accelerate and the Trainer read it); the group meets in a file, no port
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                      LOCAL_WORLD_SIZE=str(WORLD_SIZE))
-    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(output_dir, "store"), rank=rank,
-                                         world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
-    results = {name: _run_config(name, rank, output_dir) for name in CONFIGS}
-    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    torch.distributed.destroy_process_group()
-
-
 # --------------------------------------------------------------------------------------------------
 # The checks
 # --------------------------------------------------------------------------------------------------
@@ -299,12 +253,7 @@ def runs(tmp_path_factory):
     """{config name: (rank 0 result, rank 1 result)}, and the folder holding the saved adapter."""
     pytest.importorskip("accelerate")
     output_dir = str(tmp_path_factory.mktemp("fsdp"))
-    torch.multiprocessing.spawn(_worker, args=(output_dir,), nprocs=WORLD_SIZE, join=True)
-    by_rank = []
-    for rank in range(WORLD_SIZE):
-        with open(os.path.join(output_dir, f"rank{rank}.json")) as f:
-            by_rank.append(json.load(f))
-    return {name: tuple(r[name] for r in by_rank) for name in CONFIGS}, output_dir
+    return run_in_processes(_run_config, CONFIGS, WORLD_SIZE, output_dir), output_dir
 
 
 @functools.lru_cache(maxsize=None)
