@@ -13,6 +13,7 @@ from torch import nn
 
 from condlora_kernels import reference
 from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
+from condlora_kernels.integrations import distributed  # imported with the package: it records DDP instances
 from condlora_kernels.modules.generator import HALF_DTYPES, CondLoRAGenerator
 from condlora_kernels.ops.backends import check_backend_name
 from condlora_kernels.ops.condlora_linear import condlora_linear
@@ -131,6 +132,10 @@ class FusedCondLoRALinear(nn.Module):
         if self.merged:
             self._refuse_training_while_merged()
             return F.linear(x, self.weight, self.bias)
+        # recomputed inside a backward (activation checkpointing): refuse reentrant recomputation under DDP
+        # (docs/design.md §8.7)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            distributed.check_recomputation(self)
         # the generators go as they are (float32 masters of a half-precision layer): the op casts them per call
         # and returns their gradients in their own dtype (docs/design.md §4)
         generator = self.generator
