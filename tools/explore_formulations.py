@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import condlora_kernels as ck
+from condlora_kernels import timing
 
 
 def gen(weight32, theta_a, theta_b, paper):
@@ -150,42 +150,14 @@ def make(name, n, d_in, d_out, r, device):
     return fwd, step
 
 
-def graph_ms(make_fn, reps=20):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn = make_fn()
-        for _ in range(3):
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(reps):
-                fn()
-        times = []
-        for _ in range(7):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-    torch.cuda.current_stream().wait_stream(stream)
-    return statistics.median(times)
+def graph_ms(make_fn):
+    """GPU time of one call from a CUDA graph of many (host time removed)."""
+    return timing.cuda_graph_median_ms(make_fn, rep_ms=2.0)
 
 
-def eager_ms(fn, reps=30):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
+def eager_ms(fn):
+    """One call between CUDA events, calls queued back to back: host time shows where the GPU waits for it."""
+    return timing.cuda_median_ms(fn, rep_ms=20.0, warmup_ms=5.0)
 
 
 def main():

@@ -86,14 +86,23 @@ bool group_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % alignof(Group<T>) == 0;
 }
 
-__global__ void dropout_keep_mask_kernel(const int64_t* __restrict__ seed_ptr, int64_t n_rows, int64_t n_cols,
-                                         uint32_t threshold, bool vectorized, bool* __restrict__ out) {
+// Calls body(row, col, bits) for every group of 8 columns of an (n_rows, n_cols) matrix, grid-stride, with the
+// group's 8 keep bits: the loop both elementwise kernels share.
+template <typename Body>
+__device__ __forceinline__ void for_each_dropout_group(const int64_t* __restrict__ seed_ptr, int64_t n_rows,
+                                                       int64_t n_cols, uint32_t threshold, Body&& body) {
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const int64_t groups_per_row = ceil_div(n_cols, kDropoutGroup), n_groups = n_rows * groups_per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
     const int64_t row = g / groups_per_row, col = (g - row * groups_per_row) * kDropoutGroup;
-    const uint32_t bits = dropout_keep_bits(seed, static_cast<uint64_t>(g), threshold);
+    body(row, col, dropout_keep_bits(seed, static_cast<uint64_t>(g), threshold));
+  }
+}
+
+__global__ void dropout_keep_mask_kernel(const int64_t* __restrict__ seed_ptr, int64_t n_rows, int64_t n_cols,
+                                         uint32_t threshold, bool vectorized, bool* __restrict__ out) {
+  for_each_dropout_group(seed_ptr, n_rows, n_cols, threshold, [&](int64_t row, int64_t col, uint32_t bits) {
     bool* group_out = out + row * n_cols + col;
     if (vectorized) {
       Group<bool> keep;
@@ -103,7 +112,7 @@ __global__ void dropout_keep_mask_kernel(const int64_t* __restrict__ seed_ptr, i
     } else {
       for (int j = 0; j < kDropoutGroup && col + j < n_cols; ++j) group_out[j] = (bits >> j) & 1u;
     }
-  }
+  });
 }
 
 // dst = (accumulate ? dst : 0) + (src * keep) * keep_scale, in the accumulation type and rounded once: in the half
@@ -113,12 +122,7 @@ template <typename T>
 __global__ void dropout_scale_kernel(const T* src, T* dst, int64_t n_rows, int64_t n_cols,
                                      const int64_t* __restrict__ seed_ptr, uint32_t threshold, acc_t<T> keep_scale,
                                      bool accumulate, bool vectorized) {
-  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
-  const int64_t groups_per_row = ceil_div(n_cols, kDropoutGroup), n_groups = n_rows * groups_per_row;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < n_groups; g += stride) {
-    const int64_t row = g / groups_per_row, col = (g - row * groups_per_row) * kDropoutGroup;
-    const uint32_t bits = dropout_keep_bits(seed, static_cast<uint64_t>(g), threshold);
+  for_each_dropout_group(seed_ptr, n_rows, n_cols, threshold, [&](int64_t row, int64_t col, uint32_t bits) {
     const int64_t first = row * n_cols + col;
     if (vectorized) {
       const Group<T> in = *reinterpret_cast<const Group<T>*>(src + first);
@@ -136,7 +140,7 @@ __global__ void dropout_scale_kernel(const T* src, T* dst, int64_t n_rows, int64
         dst[first + j] = from_acc<T>(before + (to_acc(src[first + j]) * acc_t<T>((bits >> j) & 1u)) * keep_scale);
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
