@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 WORLD_SIZE = 2
 LEARNING_RATE = 0.02
 # float64: FSDP2 and the single process differ only by the order of the gradient sums (~1e-16 a step); the
-# negative control (blocks sharded, the root not) drifts by ~1e-2.
+# negative control (blocks sharded, the root not) drifts by 0.12.
 EXACT = dict(rtol=1e-9, atol=1e-11)
 # bf16 parameters (MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)) against one process doing
 # the same arithmetic (_single_process_bf16_policy): measured bit for bit equal on CPU; allowed: float32 round-off
@@ -211,9 +211,10 @@ def _shard(model, how):
         for block in blocks:
             fully_shard(block)
         fully_shard(model)
-    elif how == "helper non-reentrant":  # the default blocks: _no_split_modules, {BertLayer, BertEmbeddings}
-        _enable_checkpointing(model, False)
-        shard_condlora_model(model)
+    elif how == "helper non-reentrant":  # the default blocks: _no_split_modules ({BertLayer, BertEmbeddings} in
+        _enable_checkpointing(model, False)  # transformers 5; BERT lists none in transformers 4)
+        shard_condlora_model(model, **({} if getattr(model, "_no_split_modules", None) else
+                                       {"block_classes": ["BertLayer"]}))
     elif how == "helper reentrant":
         _enable_checkpointing(model, True)
         shard_condlora_model(model, block_classes=["BertLayer"])
