@@ -162,3 +162,18 @@ def test_module_errors():
         FusedCondLoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1))
     with pytest.raises(ValueError, match=r"dropout_p must be in"):
         FusedCondLoRALinear.from_linear(lin, dropout=1.0)
+
+
+def test_meta_tensors(paper, monkeypatch):
+    """Meta x with real weights is a device error; an all-meta call propagates shapes (as F.linear does)."""
+    from condlora_kernels.ops import backends
+
+    monkeypatch.setattr(backends, "_warned", set())  # the fallback is said once per process
+    monkeypatch.setattr(backends, "_RESOLVED", {})
+    with pytest.raises(ValueError, match=r"weight is on cpu but x is on meta"):
+        condlora_linear(paper.x.to("meta"), *paper.tensors()[1:], 1.0)
+    with pytest.warns(UserWarning, match=r"no fused backend can run on meta tensors"):
+        y = condlora_linear(*[t.to("meta") for t in paper.tensors()], 1.0, backend="auto")
+    assert y.device.type == "meta" and y.shape == (4, 8)
+    layer = FusedCondLoRALinear(8, 8, r=2, device="meta")
+    assert layer(torch.empty(3, 8, device="meta")).shape == (3, 8)

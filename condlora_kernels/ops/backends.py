@@ -172,6 +172,11 @@ def select_backend(requested: str, x: torch.Tensor) -> Backend:
 _RESOLVED: dict = {}
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types autocast does not know, such as meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def resolve_backend(requested: str, x: torch.Tensor, weight: torch.Tensor) -> Backend:
     """select_backend for a call, remembered per (request, CONDLORA_BACKEND, device, dtype, autocast dtype): the
     per-call cost is one dictionary lookup. Bad names are refused on every call, before the lookup. While
@@ -179,7 +184,7 @@ def resolve_backend(requested: str, x: torch.Tensor, weight: torch.Tensor) -> Ba
     it, and the first eager call that fills it would then recompile the graph)."""
     override = os.environ.get("CONDLORA_BACKEND", "")
     device = x.device
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    autocast = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else None
 
     def choose() -> Backend:  # on the dtype the kernels will see: the autocast dtype under autocast
         cast = autocast is not None and x.dtype != torch.float64 and x.is_floating_point()

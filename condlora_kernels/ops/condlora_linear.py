@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from condlora_kernels._validation import check_condlora_args
-from condlora_kernels.ops.backends import BACKENDS, native_linear_op, resolve_backend
+from condlora_kernels.ops.backends import BACKENDS, autocast_on, native_linear_op, resolve_backend
 
 SEED_HIGH = 1 << 62  # seeds are drawn uniformly from [0, 2^62)
 
@@ -54,7 +54,7 @@ def _autocast_inputs(x, weight, bias):
     """Under autocast for x's device, x, weight and bias in the autocast dtype, as F.linear would cast them (float64
     stays). The generators are cast later, to the compute dtype."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -107,6 +107,8 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     dtype = x.dtype
     weight, bias, theta_a, theta_b = (_to(t, dtype) for t in (weight, bias, theta_a, theta_b))
     seed = draw_seed(x) if dropout_p > 0.0 else None
+    args = (x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p), seed, mode, chosen.name)
+    if not autocast_on(x.device.type):  # meta tensors, say: a device type autocast does not know
+        return CondLoRALinearFunction.apply(*args)
     with torch.autocast(x.device.type, enabled=False):
-        return CondLoRALinearFunction.apply(x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p),
-                                            seed, mode, chosen.name)
+        return CondLoRALinearFunction.apply(*args)
