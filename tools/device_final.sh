@@ -2,6 +2,8 @@
 # The last device call of the session: compute-sanitizer over a GPU test subset (issue #13), the learning-rate
 # sweep on the real data (issue #12), and the model-level training step of RoBERTa-base (issue #11).
 # Each step has its own time limit so that one cannot starve the next. Results under $OUT.
+# The sweep reads .carry/ (the model as fp16 safetensors with its tokenizer, and the data file): that folder is
+# git-ignored, so the device call must name it in `carry` (the first run of this script did not, and lost the sweep).
 set -o pipefail
 export PYTHONUNBUFFERED=1 CONDLORA_CUDA_ARCH=9.0 MAX_JOBS=16 HF_HUB_OFFLINE=1
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warn | tail -2
