@@ -248,8 +248,6 @@ bool fold_into_weight(const Sizes& sz, double dropout_p, const at::Tensor& like)
 
 namespace {
 
-bool is_half_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
-
 at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
 // y and u from checked, contiguous x (N, d_in) and A, B in x's dtype (the forward of docs/design.md §2).
@@ -351,10 +349,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
   }
 
   // The theta gradients: cuBLAS writes float32 straight from half-precision operands (one kernel, no cast after)
-  const bool widen = theta_dtype != x.scalar_type();
+  const bool float32_from_half = theta_dtype == at::kFloat && is_half_dtype(x.scalar_type());
   auto contract = [&](const at::Tensor& a, const at::Tensor& b) {
-    if (widen && x.is_cuda() && is_half_dtype(x.scalar_type()) && theta_dtype == at::kFloat) return at::mm(a, b, at::kFloat);
-    return cast(at::mm(a, b), theta_dtype);
+    return float32_from_half && x.is_cuda() ? at::mm(a, b, at::kFloat) : cast(at::mm(a, b), theta_dtype);
   };
   at::Tensor grad_theta_a, grad_theta_b;
   if (stack_ab) {
@@ -373,17 +370,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
           or_empty(grad_bias, x.scalar_type())};
 }
 
-// weight or bias given to prepare/forward_ab: x's dtype, or a float32 master of a half-precision x.
-void check_master(const char* name, const at::Tensor& t, at::ScalarType dtype, const at::Device& device) {
+}  // namespace
+
+void check_master(const char* name, const at::Tensor& t, at::ScalarType x_dtype, const at::Device& x_device) {
   check_layout_and_dtype(name, t);
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype || (is_half_dtype(dtype) && t.scalar_type() == at::kFloat), name,
-                   " has dtype ", py_dtype(t.scalar_type()), " but x has dtype ", py_dtype(dtype), ": ", name,
+  TORCH_CHECK_TYPE(weight_dtype_fits(t.scalar_type(), x_dtype), name, " has dtype ", py_dtype(t.scalar_type()),
+                   " but x has dtype ", py_dtype(x_dtype), ": ", name,
                    " must share x's dtype (or be a float32 master of a half-precision x)");
-  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device().str(), " but x is on ", device.str(),
+  TORCH_CHECK_VALUE(t.device() == x_device, name, " is on ", t.device().str(), " but x is on ", x_device.str(),
                     ": all tensors must be on one device");
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
     const DeviceKernels& kernels, const at::Tensor& x_in, const at::Tensor& weight,
@@ -488,8 +484,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
   check_shape("lora_a", lora_a, {sz.r, sz.d_in}, "r, d_in");
   check_shape("lora_b", lora_b, {sz.d_out, sz.r}, "d_out, r");
   check_seed(seed, dropout_p, x.device());
-  TORCH_CHECK_TYPE(theta_dtype == x.scalar_type() || (is_half_dtype(x.scalar_type()) && theta_dtype == at::kFloat),
-                   "theta_dtype must be x's dtype or float32, got ", py_dtype(theta_dtype));
+  TORCH_CHECK_TYPE(weight_dtype_fits(theta_dtype, x.scalar_type()), "theta_dtype must be x's dtype or float32, got ",
+                   py_dtype(theta_dtype));
   return backward_core(kernels, grad_y.contiguous(), x.contiguous(), weight, u.contiguous(), lora_a.contiguous(),
                        lora_b.contiguous(), scaling, dropout_p, seed, sz, needs, theta_dtype);
 }

@@ -46,6 +46,14 @@ Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const a
 void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const at::Device& device);
 // A floating, dense (strided) tensor: TypeError otherwise, naming the argument.
 void check_layout_and_dtype(const char* name, const at::Tensor& t);
+inline bool is_half_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+// Whether a weight or bias of dtype `t` goes with an x of dtype `x_dtype`: the same dtype, or a float32 master of a
+// half-precision x (rounded to x's dtype as autocast would, docs/design.md §4).
+inline bool weight_dtype_fits(at::ScalarType t, at::ScalarType x_dtype) {
+  return t == x_dtype || (is_half_dtype(x_dtype) && t == at::kFloat);
+}
+// A weight or bias: floating, dense, weight_dtype_fits x's dtype, on x's device (TypeError / ValueError otherwise).
+void check_master(const char* name, const at::Tensor& t, at::ScalarType x_dtype, const at::Device& x_device);
 // scaling finite and within float32's range (the kernels multiply in float32); dropout_p in [0, 1) and not so close
 // to 1 that every element is dropped (the 16-bit threshold would reach 2^16, docs/design.md §3).
 void check_scaling_and_dropout(double scaling, double dropout_p);

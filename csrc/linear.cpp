@@ -66,28 +66,17 @@ const auto& linear_op() {
   return op;
 }
 
-bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
-
 // The arguments linear() takes beyond the shared checks of condlora.cpp: x of any rank (..., d_in), dense; weight
 // and bias in x's dtype or, for half-precision x, float32 masters; the generators in any floating dtype.
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p) {
   check_layout_and_dtype("x", x);
-  check_layout_and_dtype("weight", weight);
   check_layout_and_dtype("theta_a", theta_a);
   check_layout_and_dtype("theta_b", theta_b);
   check_scaling_and_dropout(scaling, dropout_p);
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., d_in), got a 0-d tensor");
-  auto master_ok = [&](const char* name, const at::Tensor& t) {
-    check_layout_and_dtype(name, t);
-    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() || (is_half(x.scalar_type()) && t.scalar_type() == at::kFloat),
-                     name, " has dtype ", py_dtype(t.scalar_type()), " but x has dtype ", py_dtype(x.scalar_type()),
-                     ": ", name, " must share x's dtype (or be a float32 master of a half-precision x)");
-    TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device().str(), " but x is on ", x.device().str(),
-                      ": all tensors must be on one device");
-  };
-  master_ok("weight", weight);
-  if (bias.has_value()) master_ok("bias", *bias);
+  check_master("weight", weight, x.scalar_type(), x.device());
+  if (bias.has_value()) check_master("bias", *bias, x.scalar_type(), x.device());
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (d_out, d_in), got shape ", py_tuple(weight.sizes()),
                     ", dtype ", py_dtype(weight.scalar_type()), ", device ", weight.device().str());
   TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "x must have last dimension d_in=", std::to_string(weight.size(1)),
@@ -110,7 +99,7 @@ std::vector<c10::SymInt> output_shape(const at::Tensor& x, const c10::SymInt& d_
 // The generators' gradients come back in float32 for float32 generators of a half-precision x (the backward's last
 // GEMM writes float32), else in x's dtype; the engine casts them to the generators' dtype where it differs.
 at::ScalarType theta_grad_dtype(const at::Tensor& x, const at::Tensor& theta) {
-  return is_half(x.scalar_type()) && theta.scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+  return is_half_dtype(x.scalar_type()) && theta.scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
 }
 
 // The forward below autograd: (y2d, what the backward needs).
@@ -207,9 +196,7 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   const at::Tensor x_cast = at::autocast::cached_cast(dtype, x, device_type);
   // weight and bias follow x (as F.linear would cast them) unless they are float32 masters of a half x
   auto follow = [&](const at::Tensor& t) {
-    return (t.scalar_type() == x_cast.scalar_type() || (is_half(x_cast.scalar_type()) && t.scalar_type() == at::kFloat))
-               ? t
-               : at::autocast::cached_cast(dtype, t, device_type);
+    return weight_dtype_fits(t.scalar_type(), x_cast.scalar_type()) ? t : at::autocast::cached_cast(dtype, t, device_type);
   };
   const std::optional<at::Tensor> bias_cast = bias.has_value() ? std::optional<at::Tensor>(follow(*bias)) : std::nullopt;
   return linear_op().call(x_cast, follow(weight), bias_cast, theta_a, theta_b, scaling, dropout_p, mode);
