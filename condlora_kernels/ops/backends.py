@@ -55,10 +55,14 @@ class Backend:
         self._location = location
         self._impl = None
         self._import_error: Optional[str] = None
+        self._linear: Optional[Callable] = None
 
     @property
     def linear(self) -> Callable:
-        return native_linear_op()
+        """torch.ops.condlora_C.linear.default, looked up once (this is on every call's path)."""
+        if self._linear is None:
+            self._linear = native_linear_op()
+        return self._linear
 
     def _load(self):
         if self._impl is None and self._import_error is None:
@@ -177,7 +181,7 @@ def autocast_on(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-def resolve_backend(requested: str, x: torch.Tensor, weight: torch.Tensor) -> Backend:
+def resolve_backend(requested: str, x: torch.Tensor) -> Backend:
     """select_backend for a call, remembered per (request, CONDLORA_BACKEND, device, dtype, autocast dtype): the
     per-call cost is one dictionary lookup. Bad names are refused on every call, before the lookup. While
     torch.compile traces, the choice is made without the dictionary (a traced lookup would make Dynamo guard on

@@ -98,7 +98,7 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    chosen = resolve_backend(backend, x, weight)
+    chosen = resolve_backend(backend, x)
     if chosen.native:
         # the extension's op: checks, autocast, dropout seed and autograd in C++ (docs/design.md §4)
         return chosen.linear(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
