@@ -200,3 +200,37 @@ def test_compiling_before_any_eager_call_compiles_once(monkeypatch):
     layer(x)  # eager: fills the memory
     compiled(x)
     assert counter.frame_count == 1
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the extension's CUDA kernels")
+@pytest.mark.parametrize("d,r", [(768, 8), (1000, 12), (96, 16)])
+def test_gpu_cuda_graph_capture_matches_reference(d, r):
+    """Inside a CUDA graph capture `prepare` takes the cuBLAS path, outside it the fused kernel (linear.cpp): both
+    paths, paper mode, bf16 autocast over float32 masters as a model runs, against the reference."""
+    dtype = torch.bfloat16
+    problem = make_problem(257, d, d, r, mode="paper", dtype=torch.float32, device="cuda", seed=d + r)
+    x, w, b, ta, tb = problem.leaves()
+    grad_y = torch.randn(257, d, generator=torch.Generator().manual_seed(2)).to("cuda", dtype)
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype):
+            y = linear(x, w, b, ta, tb, problem.scaling, 0.0, "paper")
+        return (y, *torch.autograd.grad(y, [x, ta, tb, b], grad_y))
+
+    side = torch.cuda.Stream()  # warm up on a side stream (cuBLAS handles, workspaces), as torch's docs do
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = [t.clone() for t in step()]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference_outputs(problem, dtype, grad_y, upcast=torch.float64)
+    base = reference_outputs(problem, dtype, grad_y)
+    for name, got_eager, got_graph, r64, b_ in zip(("y", "dx", "dtheta_a", "dtheta_b", "db"), eager, captured, ref,
+                                                   base):
+        for path, out in (("eager", got_eager), ("graph", got_graph)):
+            ok, msg = check_close(out.to(dtype), r64, b_, f"{name} ({path})")
+            assert ok, msg

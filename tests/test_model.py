@@ -396,3 +396,32 @@ def test_torch_export_of_an_adapted_model():
     ids = token_ids()
     exported = torch.export.export(model, (ids,))
     torch.testing.assert_close(exported.module()(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("case_name", ["roberta-tiny", "llama-tiny"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compiled_model_is_one_graph(case_name, backend):
+    """torch.compile of an adapted transformers model (the benchmark's tiny cases) traces one graph with no break:
+    a break per layer made compiled CondLoRA models slower than PEFT's (issue #11; torch 2.11's Dynamo could not
+    trace torch.amp.is_autocast_available, nor an import on the first call)."""
+    from torch._dynamo.utils import counters
+
+    from condlora_kernels.bench import model as bench_model
+    from condlora_kernels.bench.shapes import LLAMA_TINY, ROBERTA_TINY
+    from condlora_kernels.ops.backends import available_backends
+
+    if available_backends("cpu")[backend] is not None:
+        pytest.skip(available_backends("cpu")[backend])
+    case = {c.name: c for c in (ROBERTA_TINY, LLAMA_TINY)}[case_name]
+    model = bench_model.build_model(case, torch.device("cpu"))
+    model = bench_model.attach(f"condlora[{backend}]", model, case, dropout=0.1)
+    batch = bench_model.make_batch(case, model, torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(**batch).loss
+        loss.backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1

@@ -69,7 +69,8 @@ from condlora_kernels.bench.shapes import MODEL_MODES, ModelCase, Settings
 from condlora_kernels.bench.timing import synchronize
 from condlora_kernels.integrations.model import apply_condlora, match_target, set_submodule
 
-MODEL_PROVIDERS = ("frozen", "peft_lora", "paper_code_condlora", "condlora[triton]", "condlora[cuda]",
+# the default backend on CUDA (the extension's op) before Triton, whose first eager point autotunes
+MODEL_PROVIDERS = ("frozen", "peft_lora", "paper_code_condlora", "condlora[cuda]", "condlora[triton]",
                    "condlora[cpu]", "condlora[reference]")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 

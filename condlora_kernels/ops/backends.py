@@ -58,10 +58,9 @@ class Backend:
         self._linear: Optional[Callable] = None
 
     @property
-    def linear(self) -> Callable:
-        """torch.ops.condlora_C.linear.default, looked up once (this is on every call's path)."""
-        if self._linear is None:
-            self._linear = native_linear_op()
+    def linear(self) -> Optional[Callable]:
+        """torch.ops.condlora_C.linear.default, looked up once, when the backend loads: it is on every call's path,
+        and a lookup memoised during a torch.compile trace would be guarded on (a recompilation once it is set)."""
         return self._linear
 
     def _load(self):
@@ -71,6 +70,8 @@ class Backend:
                 self._impl = getattr(importlib.import_module(module_name), attribute)
             except Exception as exc:  # a missing extension or a broken Triton install: report, don't crash
                 self._import_error = f"{type(exc).__name__}: {exc}"
+            if self.native and self._impl is not None:
+                self._linear = native_linear_op()
         return self._impl
 
     def unavailable_reason(self, x: torch.Tensor) -> Optional[str]:
@@ -122,8 +123,8 @@ def preload_backends() -> None:
     """Import now the backends that `backend="auto"` can pick on this machine, rather than on first use:
     torch.compile cannot trace an import, so a model compiled before any eager call would break its graph
     there (an error under fullgraph=True). The C++ extension loads in milliseconds; Triton's module takes
-    about a second, so only where a GPU is."""
-    for name in ("cpu", "cuda") + (("triton",) if torch.cuda.is_available() else ()):
+    about a second, so only where a GPU is. The reference is the fallback of them all."""
+    for name in ("reference", "cpu", "cuda") + (("triton",) if torch.cuda.is_available() else ()):
         BACKENDS[name]._load()
 
 
@@ -177,8 +178,9 @@ _RESOLVED: dict = {}
 
 
 def autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for this device type (False for types autocast does not know, such as meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether autocast is on for this device type (False for meta, which autocast does not know: asking raises).
+    Not torch.amp.is_autocast_available: Dynamo before torch 2.14 cannot trace it (a graph break per call)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def resolve_backend(requested: str, x: torch.Tensor) -> Backend:

@@ -320,25 +320,28 @@ cudaError_t with_token_reduce_kernel(DType dtype, int r, Fn&& fn) {
 // Paper mode's generation (see launch_prepare in kernels.cuh): A^T and B are both W0 [theta_a; theta_b]^T row by row
 // ---------------------------------------------------------------------------------------------------------------
 
-constexpr int kPrepareWarps = 8;                   // rows of W0 per block, one warp each
+constexpr int kPrepareWarps = 8;                   // warps per row of W0: they split its columns
 constexpr int64_t kPrepareThetaElements = 24576;   // 2r * d: 96 KiB of float32 theta, read from L1
 
+// One block per row of W0. A warp per row walked d / 32 dependent steps with one block of 8 rows per 8 warps: 96
+// blocks at d = 768, its loads exposed (85 against 43 us per forward, benchmarks/NOTES.md). Here the 8 warps of a
+// block split the row's columns (d / 256 steps each) and d blocks fill the machine; theta stays in L1/L2.
 template <typename TW, typename TT, typename TO, int R2>
-__global__ void __launch_bounds__(kPrepareWarps * 32) prepare_kernel(const TW* __restrict__ weight,
+__global__ void __launch_bounds__(kPrepareWarps * 32, 4) prepare_kernel(const TW* __restrict__ weight,
                                                                      const TT* __restrict__ theta_a,
                                                                      const TT* __restrict__ theta_b, int64_t d, int r,
                                                                      TO* __restrict__ weight_out,
                                                                      TO* __restrict__ lora_a,
                                                                      TO* __restrict__ lora_b) {
   using acc = acc_t<TW>;
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kPrepareWarps + threadIdx.x / 32;
-  if (row >= d) return;
+  __shared__ acc warp_sums[kPrepareWarps][R2];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t row = blockIdx.x;
   acc sums[R2];  // [0, r): row `row` of A^T, [r, 2r): row `row` of B; the rest stays zero
 #pragma unroll
   for (int k = 0; k < R2; ++k) sums[k] = 0;
   const TW* w_row = weight + row * d;
-  for (int64_t c = lane; c < d; c += 32) {
+  for (int64_t c = threadIdx.x; c < d; c += kPrepareWarps * 32) {
     const acc w = to_acc(w_row[c]);
     if (weight_out != nullptr) weight_out[row * d + c] = from_acc<TO>(w);
 #pragma unroll
@@ -350,11 +353,18 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) prepare_kernel(const TW* _
   for (int k = 0; k < R2; ++k) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) sums[k] += __shfl_down_sync(0xffffffffu, sums[k], offset);
+    if (lane == 0) warp_sums[warp][k] = sums[k];
   }
-  if (lane == 0) {
-    for (int k = 0; k < r; ++k) {
-      lora_a[k * d + row] = from_acc<TO>(sums[k]);
-      lora_b[row * r + k] = from_acc<TO>(sums[r + k]);
+  __syncthreads();
+  if (threadIdx.x < 2 * r) {  // thread k sums dot product k over the warps, in a fixed order (deterministic)
+    const int k = threadIdx.x;
+    acc total = 0;
+#pragma unroll
+    for (int w = 0; w < kPrepareWarps; ++w) total += warp_sums[w][k];
+    if (k < r) {
+      lora_a[k * d + row] = from_acc<TO>(total);
+    } else {
+      lora_b[row * r + (k - r)] = from_acc<TO>(total);
     }
   }
 }
@@ -362,7 +372,7 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) prepare_kernel(const TW* _
 template <typename TW, typename TT, typename TO>
 cudaError_t launch_prepare_typed(const void* weight, const void* theta_a, const void* theta_b, int64_t d, int r,
                                  void* weight_out, void* lora_a, void* lora_b, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(ceil_div(d, kPrepareWarps));
+  const unsigned blocks = static_cast<unsigned>(d);
   auto run = [&](auto kernel) {
     kernel<<<blocks, kPrepareWarps * 32, 0, stream>>>(
         static_cast<const TW*>(weight), static_cast<const TT*>(theta_a), static_cast<const TT*>(theta_b), d, r,
@@ -440,7 +450,7 @@ cudaError_t launch_sum_partials(DType dtype, const void* partial, int splits, in
 
 bool prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dtype, int r, int64_t d) {
   if (r < 1 || 2 * r > 32 || 2 * static_cast<int64_t>(r) * d > kPrepareThetaElements) return false;
-  if (ceil_div(d, kPrepareWarps) > (int64_t(1) << 31) - 1) return false;
+  if (d > (int64_t(1) << 31) - 1) return false;  // one block per row
   // the pairs that occur: float32 masters (weight and theta) of any output dtype, a half-precision layer with
   // float32 generators, or one dtype throughout
   const bool float_masters = weight_dtype == DType::kFloat && theta_dtype == DType::kFloat && out_dtype != DType::kDouble;

@@ -60,7 +60,7 @@ cudaError_t launch_sum_partials(DType dtype, const void* partial, int splits, in
 
 // Paper mode's generation in one pass over W0 (d, d): lora_a = theta_a W0^T (r, d) and lora_b = W0 theta_b^T (d, r)
 // in out_dtype, accumulated in float32 (float64 for float64), and weight_out = W0 in out_dtype where weight_out is
-// not null. All pointers contiguous; theta_a and theta_b share theta_dtype. One warp per row of W0, each lane
+// not null. All pointers contiguous; theta_a and theta_b share theta_dtype. One block per row of W0, each thread
 // holding the 2r running dot products of its columns; theta is read from L1, so prepare_supported asks that it fit
 // there (2r * d elements) and that 2r <= 32 (the accumulators are registers).
 bool prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dtype, int r, int64_t d);

@@ -453,7 +453,7 @@ def condlora_forward_kernel(
 
 def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float, dropout_p: float,
                             seed: Optional[torch.Tensor], paper_mode: bool, *,
-                            config: Optional[ForwardConfig] = None):
+                            config: Optional[ForwardConfig] = None, reuse_flags: bool = True):
     """Allocate y, u, A, B and run the persistent forward kernel. Returns (y, u, lora_a, lora_b).
 
     `config` (config.ForwardConfig) fixes the launch: its tile and main loop, the heuristic's where a
@@ -484,7 +484,7 @@ def condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling: float,
         num_heads = (triton.cdiv(num_m, tile.group_m) + 1) * tile.group_m  # _lookahead_tile's U slots
         num_tiles = num_gen + num_heads + num_m * triton.cdiv(d_out, tile.block_n)
         num_programs = launch_config.num_programs(device, num_tiles)
-        flags = runtime.flags(2 + num_m, x2d)
+        flags = runtime.flags(2 + num_m, x2d, reuse=reuse_flags)
         seed_t, keep_scale, threshold = runtime.dropout_args(seed, dropout_p, flags)
         if use_tma:
             descs = dict(x_desc=runtime.descriptor(x2d, (tile.block_m, tile.block_k)),
@@ -879,7 +879,8 @@ def condlora_backward_kernel(
 
 def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: float, dropout_p: float,
                              seed: Optional[torch.Tensor], paper_mode: bool, need_dx: bool, need_dtheta: bool,
-                             need_dbias: bool, *, config: Optional[BackwardConfig] = None):
+                             need_dbias: bool, *, config: Optional[BackwardConfig] = None,
+                             reuse_flags: bool = True):
     """Allocate gradients and workspaces and run the persistent backward kernel.
     Returns (dx, dtheta_a, dtheta_b, dbias), empty tensors for those not needed.
 
@@ -936,7 +937,7 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
         # workspaces: s v (input dtype); float32 partial sums and the reduced dA, dB, carved from one
         # allocation. An argument that is not needed gets the flags tensor as a placeholder: its constexpr
         # switch keeps the kernel from touching it.
-        flags = runtime.flags(4 + num_m + num_slots, x2d)
+        flags = runtime.flags(4 + num_m + num_slots, x2d, reuse=reuse_flags)
         sv = torch.empty((n_rows, r_pad), device=device, dtype=dtype)
         sizes = {"part_a": (num_slots, r_pad, d_in) if need_dtheta else None,
                  "part_b": (num_slots, d_out, r_pad) if need_dtheta else None,
@@ -997,8 +998,10 @@ def condlora_backward_launch(grad_y, x2d, weight, lora_a, lora_b, u, scaling: fl
 def forward_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], theta_a: torch.Tensor,
                theta_b: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
                paper_mode: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, u, lora_a, lora_b) of the CondLoRA forward, in one launch."""
-    return condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, paper_mode)
+    """(y, u, lora_a, lora_b) of the CondLoRA forward, in one launch. Compiled graphs call this op: fresh flags
+    (runtime.flags), since a buffer kept across calls would outlive a CUDA graph's memory pool."""
+    return condlora_forward_launch(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, paper_mode,
+                                   reuse_flags=False)
 
 
 @forward_op.register_fake
@@ -1010,10 +1013,10 @@ def _forward_fake(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed,
 
 
 def _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode, need_dx,
-                         need_dtheta, need_dbias, config: Optional[BackwardConfig] = None):
+                         need_dtheta, need_dbias, config: Optional[BackwardConfig] = None, reuse_flags: bool = True):
     return condlora_backward_launch(grad_y, x2d, weight, lora_a.contiguous(), lora_b.contiguous(), u.contiguous(),
                                     scaling, dropout_p, seed, paper_mode, need_dx, need_dtheta, need_dbias,
-                                    config=config)
+                                    config=config, reuse_flags=reuse_flags)
 
 
 @torch.library.custom_op("condlora_triton::backward", mutates_args=())
@@ -1021,9 +1024,10 @@ def backward_op(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, l
                 lora_b: torch.Tensor, u: torch.Tensor, scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
                 paper_mode: bool, need_dx: bool, need_dtheta: bool,
                 need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dtheta_a, dtheta_b, dbias) of the CondLoRA backward, in one launch (empty where not needed)."""
+    """(dx, dtheta_a, dtheta_b, dbias) of the CondLoRA backward, in one launch (empty where not needed); fresh
+    flags, as in forward_op."""
     return _backward_contiguous(grad_y, x2d, weight, lora_a, lora_b, u, scaling, dropout_p, seed, paper_mode,
-                                need_dx, need_dtheta, need_dbias)
+                                need_dx, need_dtheta, need_dbias, reuse_flags=False)
 
 
 @backward_op.register_fake

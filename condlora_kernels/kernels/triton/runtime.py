@@ -88,13 +88,15 @@ def descriptor(t: torch.Tensor, block_shape) -> TensorDescriptor:
 _FLAG_WORKSPACES: dict = {}
 
 
-def flags(n: int, like: torch.Tensor) -> torch.Tensor:
+def flags(n: int, like: torch.Tensor, reuse: bool = True) -> torch.Tensor:
     """n int32 dependency flags, zero on entry. In eager mode one buffer per (device, stream) is kept:
     every launch leaves its flags zeroed at exit (the kernels' `_exit_and_reset_flags`), so the next
-    launch on that stream finds them clean and no zero-fill launch is needed per call. Under
-    torch.compile tracing a fresh zeroed tensor (a traced op)."""
+    launch on that stream finds them clean and no zero-fill launch is needed per call. A fresh zeroed
+    tensor under torch.compile tracing (a traced op) and where `reuse` is False: the custom ops that
+    compiled graphs call, whose allocations may come from a CUDA graph's private pool (cudagraph trees
+    refuse a tensor of that pool kept alive outside the graph's outputs)."""
     device = like.device
-    if tracing(like):
+    if not reuse or tracing(like):
         return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
