@@ -8,10 +8,15 @@ export PYTHONUNBUFFERED=1 CONDLORA_CUDA_ARCH=9.0 MAX_JOBS=16 HF_HUB_OFFLINE=1
 start=$SECONDS
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warn | tail -2
 echo "install: $((SECONDS - start)) s"
-bench() { python -m condlora_kernels bench --merge --no-plot --output benchmarks/results "$@" 2>&1 | grep -v -i warn \
-  | grep -E "^\||Graphs|Not run|fastest|model |first step" | cut -c1-220; cp benchmarks/results/nvidia-h200.json "$OUT/"; \
-  echo "elapsed: $((SECONDS - start)) s"; }
-timeout 150 bench --only model --model-modes eager --no-first-step
-timeout 40 bench --only host
-timeout 170 bench --only first-step
-timeout $((470 - SECONDS + start)) bench --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
+bench() {  # bench TIME_LIMIT ARGS...
+  local limit=$1; shift
+  timeout "$limit" python -m condlora_kernels bench --merge --no-plot --output benchmarks/results "$@" 2>&1 \
+    | grep -v -i warn | grep -E "^\||Graphs|Not run|fastest|model |first step" | cut -c1-220
+  cp benchmarks/results/nvidia-h200.json "$OUT/"
+  echo "elapsed: $((SECONDS - start)) s"
+}
+bench 150 --only model --model-modes eager --no-first-step
+bench 40 --only host
+bench 170 --only first-step
+bench $((470 - SECONDS + start)) --only model --model-modes compile reduce-overhead --providers paper_code_condlora \
+  --no-first-step
