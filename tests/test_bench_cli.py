@@ -124,6 +124,36 @@ def test_merge_replaces_only_what_was_measured_again(quick_run, tmp_path):
         report.merge_results(after, other)
 
 
+def test_a_stopped_run_keeps_what_it_measured(quick_run, tmp_path, monkeypatch):
+    """The JSON is rewritten after every point, whole (a temporary file renamed): a run stopped at its second model
+    point (a time limit on the device) leaves the first point's row, merged with the earlier result, and no
+    temporary file."""
+    _, out = quick_run
+    shutil.copy(out / "cpu-quick.json", tmp_path / "cpu-quick.json")
+    before = report.read_json(str(tmp_path / "cpu-quick.json"))
+    from condlora_kernels.bench import cli
+    from condlora_kernels.bench.kernels import Point
+
+    def measure_then_stop(self, case, precision, mode, provider):
+        if self.rows:
+            raise KeyboardInterrupt  # what `timeout` does to the run, as far as the suite is concerned
+        row = {"provider": provider, "model": case.name, "mode": mode, "precision": precision, "status": "ok",
+               "median_ms": 1.0, "point_s": 0.0, "ratio_to_frozen": None, "ratio_to_peft": None}
+        self.rows.append(row)
+        return Point([row])
+
+    monkeypatch.setattr(cli.ModelSuite, "measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--quick", "--device", "cpu", "--only", "model", "--providers", "frozen", "condlora[reference]",
+              "--merge", "--no-plot", "--output", str(tmp_path)])
+    after = report.read_json(str(tmp_path / "cpu-quick.json"))
+    assert after["kernel"] == before["kernel"] and after["host"] == before["host"]
+    stopped = [row for row in after["model"] if row["median_ms"] == 1.0]
+    assert len(stopped) == 1 and stopped[0]["provider"] == "frozen"
+    assert len(after["model"]) == len(before["model"])  # the first point replaced its earlier row, nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-quick.json"]
+
+
 def test_settings_and_levels_from_options():
     cpu = torch.device("cpu")
     args = parse_args(["--model-modes", "reduce-overhead", "eager", "--providers", "frozen", "condlora[reference]"])

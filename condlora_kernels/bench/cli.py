@@ -12,7 +12,8 @@ and a Llama-style stack in eager, torch.compile and reduce-overhead modes), host
 layer against nn.Linear at a tiny shape), first-step (the first training step in fresh processes, cold and
 warm caches; part of the model level, on by default in a full GPU run only: 1-3 minutes).
 
-Writes <output>/<device>.json (every row, with device name and versions) and <device>.png, prints the
+Writes <output>/<device>.json (every row, with device name and versions; rewritten after every point, so a run
+stopped by a time limit keeps what it measured) and <device>.png, prints the
 tables, one summary line per model and mode, and the targets of issue #11 with what this run measured.
 Providers that cannot run here are recorded as skipped rows, providers that raise as error rows; neither
 stops the run.
@@ -219,13 +220,27 @@ def main(argv=None) -> int:
           f"model points ({', '.join(settings.model_modes)}), {len(host_devices)} host-time devices, "
           f"{len(first_step_providers)} first-step providers{' (quick)' if settings.quick else ''}", file=sys.stderr)
     first_step_rows = []
-    bar = _progress(len(kernel_plan) + len(model_plan) + len(host_devices) + bool(first_step_providers))
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, report.device_slug(report.make_results(device, settings))
+                        + ("-quick" if settings.quick else ""))
+    previous = report.read_json(stem + ".json") if args.merge and os.path.exists(stem + ".json") else None
+
+    def save() -> dict:
+        """Write what is measured so far, after every point: a run stopped by a time limit keeps its rows."""
+        results = report.make_results(device, settings, kernels.rows, models.rows, notes, hosts.rows, first_step_rows)
+        if previous is not None:
+            results = report.merge_results(previous, results)
+        report.write_json(results, stem + ".json")
+        return results
+
+    bar = _progress(len(kernel_plan) + len(model_plan) + len(host_devices) + len(first_step_providers))
     last = ""
     with warnings.catch_warnings(), torch_threads(settings.cpu_threads if device.type == "cpu" else None):
         warnings.simplefilter("ignore")  # library chatter (PEFT, transformers) would break the progress bar
         for provider, shape, mode, dtype in kernel_plan:
             bar.set_postfix_str(f"{provider} {shape.key} {mode} {dtype}")
             kernels.measure(provider, shape, mode, dtype)
+            save()
             bar.update()
         for case, precision, mode, provider in model_plan:
             bar.set_postfix_str(f"{case.name} {precision} {mode} {provider}{last}")
@@ -234,25 +249,23 @@ def main(argv=None) -> int:
                 bar.write(f"  model {case.name} {precision} {mode} {provider}: {row['status']}, "
                           f"{row['point_s']:.1f} s")
             last = f" (previous point {row['point_s']:.1f} s)"
+            save()
             bar.update()
         for device_type in host_devices:
             bar.set_postfix_str(f"host time, {device_type} tensors")
             hosts.measure(device_type)
+            save()
             bar.update()
-        if first_step_providers:
-            bar.set_postfix_str(f"first step in fresh processes, {len(first_step_providers)} providers")
+        for provider in first_step_providers:  # one provider at a time, each saved: 2 fresh processes each
+            bar.set_postfix_str(f"first step in fresh processes, cold and warm: {provider}")
             started = time.perf_counter()
-            first_step_rows = measure_first_steps(device, settings, first_step_providers)
-            bar.write(f"  first step, cold and warm processes: {time.perf_counter() - started:.1f} s")
+            first_step_rows.extend(measure_first_steps(device, settings, [provider]))
+            bar.write(f"  first step {provider}, cold and warm processes: {time.perf_counter() - started:.1f} s")
+            save()
             bar.update()
     bar.close()
 
-    results = report.make_results(device, settings, kernels.rows, models.rows, notes, hosts.rows, first_step_rows)
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, report.device_slug(results) + ("-quick" if settings.quick else ""))
-    if args.merge and os.path.exists(stem + ".json"):
-        results = report.merge_results(report.read_json(stem + ".json"), results)
-    report.write_json(results, stem + ".json")
+    results = save()
     written = [stem + ".json"]
     if not args.no_plot:
         why_not = report.plot(results, stem + ".png")

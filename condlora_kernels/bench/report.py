@@ -88,9 +88,13 @@ def make_results(device: torch.device, settings, kernel_rows=(), model_rows=(), 
 
 
 def write_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
+    """Written whole or not at all (a temporary file renamed over the old one): the suite rewrites its JSON
+    after every point, and a run stopped by a time limit must not leave half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=1, default=str)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict:
