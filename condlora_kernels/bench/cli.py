@@ -221,13 +221,14 @@ def main(argv=None) -> int:
           f"{len(first_step_providers)} first-step providers{' (quick)' if settings.quick else ''}", file=sys.stderr)
     first_step_rows = []
     os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, report.device_slug(report.make_results(device, settings))
-                        + ("-quick" if settings.quick else ""))
+    env = report.environment(device)  # once: the JSON is rewritten after every point
+    stem = os.path.join(args.output, report.device_slug({"environment": env}) + ("-quick" if settings.quick else ""))
     previous = report.read_json(stem + ".json") if args.merge and os.path.exists(stem + ".json") else None
 
     def save() -> dict:
         """Write what is measured so far, after every point: a run stopped by a time limit keeps its rows."""
-        results = report.make_results(device, settings, kernels.rows, models.rows, notes, hosts.rows, first_step_rows)
+        results = report.make_results(device, settings, kernels.rows, models.rows, notes, hosts.rows, first_step_rows,
+                                      env=env)
         if previous is not None:
             results = report.merge_results(previous, results)
         report.write_json(results, stem + ".json")

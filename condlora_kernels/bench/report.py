@@ -80,9 +80,12 @@ def device_slug(results: dict) -> str:
 
 
 def make_results(device: torch.device, settings, kernel_rows=(), model_rows=(), notes=(), host_rows=(),
-                 first_step_rows=()) -> dict:
+                 first_step_rows=(), env: Optional[dict] = None) -> dict:
+    """The result document; `env`: environment(device), where the caller has it already (it reads package
+    metadata and device properties)."""
     return {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "environment": environment(device), "settings": settings.as_dict(), "kernel": list(kernel_rows),
+            "environment": env if env is not None else environment(device), "settings": settings.as_dict(),
+            "kernel": list(kernel_rows),
             "model": list(model_rows), "host": list(host_rows), "first_step": list(first_step_rows),
             "notes": list(notes)}
 

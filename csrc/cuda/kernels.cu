@@ -323,9 +323,9 @@ cudaError_t with_token_reduce_kernel(DType dtype, int r, Fn&& fn) {
 constexpr int kPrepareWarps = 8;                   // warps per row of W0: they split its columns
 constexpr int64_t kPrepareThetaElements = 24576;   // 2r * d: 96 KiB of float32 theta, read from L1
 
-// One block per row of W0. A warp per row walked d / 32 dependent steps with one block of 8 rows per 8 warps: 96
-// blocks at d = 768, its loads exposed (85 against 43 us per forward, benchmarks/NOTES.md). Here the 8 warps of a
-// block split the row's columns (d / 256 steps each) and d blocks fill the machine; theta stays in L1/L2.
+// One block per row of W0, its 8 warps splitting the columns: d blocks fill the machine and each thread walks only
+// d / 256 dependent steps (a warp per row exposed its load latency, benchmarks/NOTES.md); theta stays in L1/L2.
+// At most 64 registers, so that 4 blocks fit on a multiprocessor.
 template <typename TW, typename TT, typename TO, int R2>
 __global__ void __launch_bounds__(kPrepareWarps * 32, 4) prepare_kernel(const TW* __restrict__ weight,
                                                                      const TT* __restrict__ theta_a,
