@@ -9,11 +9,13 @@ query and value, r=8, and a 2-layer Llama-7B-like stack, bf16) in the three mode
 """
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
 
-from condlora_kernels.bench.model import MODEL_PROVIDERS, ModelSuite, compiled
+from condlora_kernels.bench import model as bench_model
+from condlora_kernels.bench.model import MODEL_PROVIDERS, ModelSuite, attach, compiled
 from condlora_kernels.bench.shapes import MODEL_MODES, ROBERTA_TINY, Settings
 
 pytest.importorskip("transformers")
@@ -53,10 +55,22 @@ COMPILED = [
 
 
 @pytest.mark.parametrize("device,backend", COMPILED)
-def test_compiled_mode_runs(device, backend):
+def test_compiled_mode_runs(device, backend, monkeypatch):
     """The reduce-overhead mode (torch.compile, CUDA graphs where inductor runs on a GPU) trains the CondLoRA
     model and the frozen floor, each point compiled afresh, with step time, ratio and first step filled in.
-    (The compile mode is the same call without `mode=`: test_compiled_wraps_the_model.)"""
+    (The compile mode is the same call without `mode=`: test_compiled_wraps_the_model.)
+
+    A point's memory baseline is taken with the previous point's model gone: a compiled model sits in
+    reference cycles, and freed by the garbage collector during the next point it skewed that point's peak."""
+    models = []
+
+    def attach_and_track(*args, **kwargs):
+        assert all(ref() is None for ref in models), "the previous point's model is alive as this one starts"
+        model = attach(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(bench_model, "attach", attach_and_track)
     settings = Settings.for_device(device, quick=True)
     one_layer = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
     settings.model_cases, settings.model_modes = ((one_layer, "fp32"),), ("reduce-overhead",)
@@ -72,6 +86,9 @@ def test_compiled_mode_runs(device, backend):
         assert row["median_ms"] > 0 and row["first_step_s"] > 0 and row["ratio_to_frozen"] > 0
         assert row["graphs_compiled"] >= 1  # Dynamo compiled the model (a broken capture would raise)
         assert row["trainable_params"] > 0  # the frozen floor trains its embedding LayerNorm and head
+        if device == "cuda":
+            assert 0 < row["step_peak_mem_bytes"] <= row["peak_mem_bytes"]
+    assert len(models) == 2
 
 
 def test_compiled_wraps_the_model():

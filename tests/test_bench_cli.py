@@ -20,7 +20,7 @@ from condlora_kernels.bench.shapes import MODEL_MODES, MODES, KernelShape, Setti
 KERNEL_FIELDS = {"provider", "shape", "mode", "dtype", "median_ms", "ratio_to_frozen", "tflops", "gbps",
                  "peak_mem_bytes", "status", "device", "torch", "triton"}
 MODEL_FIELDS = {"provider", "model", "mode", "precision", "median_ms", "examples_per_s", "ratio_to_frozen",
-                "ratio_to_peft", "peak_mem_bytes", "first_step_s", "point_s", "status", "device", "torch"}
+                "ratio_to_peft", "peak_mem_bytes", "step_peak_mem_bytes", "first_step_s", "point_s", "status", "device", "torch"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 H100_RESULT = Path(__file__).parent.parent / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3.json"
@@ -94,7 +94,7 @@ def test_markdown_from_json(quick_run, capsys):
     assert "| target (issue #11) | measured | met |" in text
     if HAS_TRANSFORMERS:
         assert "| model | mode | provider | step (ms) | examples/s | × frozen (same mode) | " \
-               "× PEFT LoRA (same mode) | peak memory (GiB) | first step (s) |" in text
+               "× PEFT LoRA (same mode) | peak memory (GiB) | steady peak (GiB) | first step (s) |" in text
         assert "| roberta-tiny 2×64 fp32 | eager | peft_lora |" in text and "lower is better" in text
 
 
@@ -253,7 +253,7 @@ def test_targets_of_a_gpu_result():
     assert met["roberta-base first step, warm caches: best CondLoRA ≤ PEFT LoRA's + 1 s"] is True
     assert met["roberta-base first step, warm caches: condlora[cuda] (auto) ≤ PEFT LoRA's + 1 s"] is False
     text = report.markdown(results)
-    assert "| roberta-base 16×512 bf16 | compile | condlora[triton] | 10.4 | 1538.5 | 1.04× | 0.87× | 0.90 | " \
+    assert "| roberta-base 16×512 bf16 | compile | condlora[triton] | 10.4 | 1538.5 | 1.04× | 0.87× | 0.90 | – | " \
            "2.00 |" in text
     assert "| roberta-base bf16 | condlora[triton] | 30.0 | 1.00 | 39.0 | 9.00 |" in text  # the first-step table
     assert "| roberta-base first step, cold caches: best CondLoRA ≤ PEFT LoRA's + 10 s | condlora[cuda]: 5.0 s vs " \

@@ -29,9 +29,14 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
     first_step_s      the first step alone, synchronised: compilation, autotuning and allocation included,
                       in this process, so with whatever the earlier points left in the in-memory and on-disk
                       caches (first_step.py times it in fresh processes with cold and warm caches)
-    (warm-up)         settings.model_warmup_steps - 1 more untimed steps (one at least)
+    (warm-up)         settings.model_warmup_steps - 1 more untimed steps (one at least), then the whole
+                      point's peak memory is read and the peak reset
     median_ms         the median of settings.model_steps timed steps: CUDA events on GPU, perf_counter on CPU
-    peak_mem_bytes    the peak of CUDA memory over the whole point, above what was allocated before it
+    peak_mem_bytes    the peak of CUDA memory over the whole point (first step, compilation included), above
+                      what was allocated before it. The previous point's model is collected first: a compiled
+                      model sits in reference cycles, and freed by the garbage collector in the middle of the
+                      next point it lowered that point's figure by whatever it held (NOTES.md, seventh session)
+    step_peak_mem_bytes  the same peak over the timed steps only: the steady state, what bounds the batch size
     graphs_compiled   compiled modes: the graphs Dynamo compiled (beyond graph_breaks + 1: recompilations,
     graph_breaks      each one more compile during the first steps) and the graph breaks it met
     point_s           the point's wall time, everything included
@@ -303,7 +308,8 @@ class ModelSuite:
         row = {"provider": provider, "model": case.name, "case": case.as_dict(), "shape": f"{case.batch}x{case.seq}",
                "batch": case.batch, "seq": case.seq, "tokens": case.tokens, "mode": mode,
                "precision": precision, "dtype": precision, "dropout": self.dropout, "median_ms": None,
-               "examples_per_s": None, "tokens_per_s": None, "peak_mem_bytes": None, "trainable_params": None,
+               "examples_per_s": None, "tokens_per_s": None, "peak_mem_bytes": None, "step_peak_mem_bytes": None,
+               "trainable_params": None,
                "ratio_to_peft": None, "ratio_to_frozen": None, "first_step_s": None, "point_s": None,
                "graphs_compiled": None, "graph_breaks": None,
                "status": "ok", "reason": "", **self._env,
@@ -322,17 +328,24 @@ class ModelSuite:
             dynamo_counters = torch._dynamo.utils.counters
             base = self.base_model(case)
             torch._dynamo.reset()  # every point compiles afresh (and the previous point's CUDA graphs go)
+            self._cleanup()  # the previous point's model, whose compiled wrapper keeps it in reference cycles
             dynamo_counters.clear()  # what this point compiles: graphs (recompilations included), breaks
-            if self.device.type == "cuda":  # peak memory of this run: the copy, grads, states, activations
+            cuda = self.device.type == "cuda"
+            if cuda:  # peak memory of this point: the copy, grads, states, activations
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
             step, row["trainable_params"] = prepare_point(base, case, precision, mode, provider, self.device,
                                                           self.dropout, self.settings.compile_backend)
             row["first_step_s"] = timed_first_step(step, self.device)
+            self._warm_up(step)
+            if cuda:
+                whole_point_peak = torch.cuda.max_memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
             ms = self._median_step_ms(step)
-            if self.device.type == "cuda":
-                row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(self.device) - before
+            if cuda:
+                step_peak = torch.cuda.max_memory_allocated(self.device)
+                row.update(peak_mem_bytes=max(whole_point_peak, step_peak) - before, step_peak_mem_bytes=step_peak - before)
             if mode != "eager":
                 row.update(graphs_compiled=dynamo_counters["stats"]["unique_graphs"],
                            graph_breaks=sum(dynamo_counters["graph_break"].values()))
@@ -349,10 +362,14 @@ class ModelSuite:
         report.fill_model_ratios(self.rows)
         return point
 
-    def _median_step_ms(self, step) -> float:
+    def _warm_up(self, step):
         # the first step is behind us: settings.model_warmup_steps counts it
-        steps = dict(warmup=max(1, self.settings.model_warmup_steps - 1), reps=self.settings.model_steps,
-                     min_reps=self.settings.model_steps)
+        for _ in range(max(1, self.settings.model_warmup_steps - 1)):
+            step()
+        synchronize(self.device)
+
+    def _median_step_ms(self, step) -> float:
+        steps = dict(warmup=0, reps=self.settings.model_steps, min_reps=self.settings.model_steps)
         if self.device.type == "cuda":
             return timing.cuda_median_ms(step, **steps)
         return timing.host_median_ms(step, **steps)

@@ -238,6 +238,10 @@ def _ratio(value: Optional[float]) -> str:
     return f"{value:.2f}×" if value else "–"
 
 
+def _gib(value: Optional[int]) -> str:
+    return "–" if not value else f"{value / GiB:.2f}"
+
+
 def _seconds(value: Optional[float]) -> str:
     return "–" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
@@ -264,16 +268,17 @@ def model_markdown(rows: list) -> str:
               + ".") if compiled else ""
     return _table(
         rows, ["model", "mode", "provider", "step (ms)", "examples/s", "× frozen (same mode)",
-               "× PEFT LoRA (same mode)", "peak memory (GiB)", "first step (s)"],
+               "× PEFT LoRA (same mode)", "peak memory (GiB)", "steady peak (GiB)", "first step (s)"],
         lambda r: [f"{r['model']} {r['batch']}×{r['seq']} {r['precision']}", r["mode"], r["provider"],
                    _fmt_ms(r["median_ms"]), f"{r['examples_per_s']:.1f}", _ratio(r.get("ratio_to_frozen")),
                    _ratio(r.get("ratio_to_peft")),
-                   f"{r['peak_mem_bytes'] / GiB:.2f}" if r.get("peak_mem_bytes") else "–",
-                   _seconds(r.get("first_step_s"))],
+                   _gib(r.get("peak_mem_bytes")), _gib(r.get("step_peak_mem_bytes")), _seconds(r.get("first_step_s"))],
         "Training step = forward, loss, backward, AdamW step; median of the timed steps. Both ratios are step "
         "times, **lower is better**: *× frozen* over the frozen model's step in the same mode (no adapter, backward "
         "through every layer: 1.00× is the floor); *× PEFT LoRA* over PEFT LoRA's step in the same mode (below "
-        "1.00× trains faster than PEFT). *first step*: wall time of the point's first step in the benchmark's "
+        "1.00× trains faster than PEFT). *Peak memory*: CUDA memory allocated at the point's peak, above what was "
+        "allocated before it, over the whole point (first step and compilation included); *steady peak*: the same "
+        "over the timed steps only. *first step*: wall time of the point's first step in the benchmark's "
         "process (compilation and autotuning included, with the caches the earlier points filled; the cold and "
         "warm figures in fresh processes are in the first-step table).",
         lambda r: f"{r['model']} {r['precision']} {r['mode']}", graphs)
