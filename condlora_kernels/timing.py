@@ -81,6 +81,25 @@ def cuda_median_ms(fn: Callable[[], object], *, warmup: int = 1, reps: int = 7, 
     return statistics.median(times)
 
 
+def capture_cuda_graph(fn: Callable[[], object], *, warmup: int = 3) -> tuple:
+    """(graph, the last warm-up call's result, the captured call's result): `warmup` calls of fn on a side stream,
+    as torch's CUDA graph docs do (lazy initialisations, such as cuBLAS handles and workspaces or an autotuning
+    run, must not happen while capturing), then one call captured. `graph.replay()` reruns the captured call,
+    writing into the tensors it returned."""
+    if warmup < 1:
+        raise ValueError(f"warmup must be at least 1, got {warmup}")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            warm = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    return graph, warm, captured
+
+
 def cuda_graph_median_ms(make_fn: Callable[[], Callable[[], object]], *, rep_ms: float, replays: int = 10) -> float:
     """Median GPU time of one call, from a CUDA graph of many calls (launch overhead removed).
 
@@ -88,7 +107,8 @@ def cuda_graph_median_ms(make_fn: Callable[[], Callable[[], object]], *, rep_ms:
     `replays` times), but the function is built by `make_fn` on the capture stream: a backward-mode
     step reuses a forward graph built beforehand, and autograd runs each backward op on its forward
     op's stream, so that forward must run on the capture stream too (on the default stream it would
-    break the capture), and on leaves not used by any graph before (bench.providers.fresh_leaves)."""
+    break the capture), and on leaves not used by any graph before (bench.providers.fresh_leaves). So it warms
+    up and captures on its own stream, not as capture_cuda_graph does."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

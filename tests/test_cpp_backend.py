@@ -23,6 +23,7 @@ from condlora_kernels.kernels import cpp
 from condlora_kernels.ops import backends
 from condlora_kernels.ops.condlora_linear import CondLoRALinearFunction
 from condlora_kernels.testing import ODD_SHAPES, backend_vs_reference, make_problem
+from condlora_kernels.timing import capture_cuda_graph
 from tests.conftest import requires_cuda
 
 F64 = torch.float64
@@ -606,15 +607,7 @@ def test_gpu_cuda_graph_reads_seed_from_device():
                                               "paper", [True] * 4)
         return (y, u, *grads)
 
-    side = torch.cuda.Stream()  # warm up on a side stream (cuBLAS handles, workspaces), as torch's docs do
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, _, captured = capture_cuda_graph(step)
     replays = []
     for value in (7, 123456789):
         seed.fill_(value)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from condlora_kernels import FusedCondLoRALinear, reference
+from condlora_kernels.timing import capture_cuda_graph
 from condlora_kernels.kernels import cpp
 from condlora_kernels.testing import ODD_SHAPES, check_close, make_problem
 
@@ -217,14 +218,7 @@ def test_gpu_cuda_graph_capture_matches_reference(d, r):
             y = linear(x, w, b, ta, tb, problem.scaling, 0.0, "paper")
         return (y, *torch.autograd.grad(y, [x, ta, tb, b], grad_y))
 
-    side = torch.cuda.Stream()  # warm up on a side stream (cuBLAS handles, workspaces), as torch's docs do
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = [t.clone() for t in step()]
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, eager, captured = capture_cuda_graph(step, warmup=1)
     graph.replay()
     torch.cuda.synchronize()
     ref = reference_outputs(problem, dtype, grad_y, upcast=torch.float64)

@@ -43,3 +43,25 @@ def test_cuda_timers_count_calls():
     assert timing.cuda_median_ms(step, warmup_ms=1, rep_ms=2) > 0  # do_bench's method: counts from an estimate
     assert len(calls) >= 1 + 5 + 1 + 1
     assert timing.cuda_graph_median_ms(lambda: (lambda: x @ x), rep_ms=1) > 0
+
+
+@requires_cuda
+def test_capture_cuda_graph_replays_the_call():
+    """The warm-up calls run eagerly, the captured call only at replay: its output follows its input's new value."""
+    calls = []
+    x = torch.randn(64, 64, device="cuda")
+
+    def step():
+        calls.append(None)
+        return x @ x
+
+    graph, warm, captured = timing.capture_cuda_graph(step, warmup=2)
+    assert len(calls) == 2 + 1
+    torch.testing.assert_close(warm, x @ x)
+    x.copy_(torch.randn(64, 64, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, x @ x)
+    assert len(calls) == 3  # a replay calls no Python
+    with pytest.raises(ValueError, match="warmup must be at least 1, got 0"):
+        timing.capture_cuda_graph(step, warmup=0)

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 
 from condlora_kernels import condlora_linear
+from condlora_kernels.timing import capture_cuda_graph
 
 
 def kernel_table(fn, steps: int) -> dict:
@@ -58,15 +59,7 @@ def main():
             y = condlora_linear(x, weight, bias, theta_a, theta_b, 2.0, mode="paper", backend=args.backend)
         return torch.autograd.grad(y, [x, theta_a, theta_b], grad_y)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _, _ = capture_cuda_graph(step)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; N={n}, d={d}, r={r}, backend={args.backend}")
     show("eager (fused prepare kernel)", kernel_table(step, args.steps))
     show("CUDA graph replay (cuBLAS generation)", kernel_table(graph.replay, args.steps))
