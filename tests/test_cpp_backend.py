@@ -462,6 +462,7 @@ def test_fallback_when_extension_unavailable(monkeypatch):
     monkeypatch.setattr(cpp, "LOAD_ERROR", reason)
     monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(backends, "_RESOLVED", {})  # the per-call choice is remembered: forget the real one
+    monkeypatch.setattr(backends, "_NATIVE_ROUTES", {})
     p = make_problem(4, 8, 8, 2, mode="paper")
     with pytest.raises(BackendUnavailableError, match=r"simulated"):
         condlora_linear(*p.tensors(), 1.0, backend="cpu")

@@ -175,6 +175,10 @@ def select_backend(requested: str, x: torch.Tensor) -> Backend:
 
 
 _RESOLVED: dict = {}
+# (request, CONDLORA_BACKEND, device type) -> the extension's backend, once select_backend chose it there: it runs
+# every floating dtype, under autocast or not (its op casts), and refuses other dtypes itself with a TypeError, so
+# on this route a call needs neither x's dtype nor the autocast state
+_NATIVE_ROUTES: dict = {}
 
 
 def autocast_on(device_type: str) -> bool:
@@ -185,11 +189,17 @@ def autocast_on(device_type: str) -> bool:
 
 def resolve_backend(requested: str, x: torch.Tensor) -> Backend:
     """select_backend for a call, remembered per (request, CONDLORA_BACKEND, device, dtype, autocast dtype): the
-    per-call cost is one dictionary lookup. Bad names are refused on every call, before the lookup. While
-    torch.compile traces, the choice is made without the dictionary (a traced lookup would make Dynamo guard on
+    per-call cost is one dictionary lookup, and where the extension's backend was chosen for the device type, one
+    lookup by (request, CONDLORA_BACKEND, device type) only (a layer's eager call is host-bound: every step of
+    this path counts, benchmarks/NOTES.md). Bad names are refused on every call, before the lookup. While
+    torch.compile traces, the choice is made without the dictionaries (a traced lookup would make Dynamo guard on
     it, and the first eager call that fills it would then recompile the graph)."""
     override = os.environ.get("CONDLORA_BACKEND", "")
     device = x.device
+    if not torch.compiler.is_compiling():
+        native = _NATIVE_ROUTES.get((requested, override, device.type))
+        if native is not None:
+            return native
     autocast = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else None
 
     def choose() -> Backend:  # on the dtype the kernels will see: the autocast dtype under autocast
@@ -202,6 +212,8 @@ def resolve_backend(requested: str, x: torch.Tensor) -> Backend:
     backend = _RESOLVED.get(key)
     if backend is None:
         backend = _RESOLVED[key] = choose()
+        if backend.native and x.is_floating_point():
+            _NATIVE_ROUTES[(requested, override, device.type)] = backend
     return backend
 
 
