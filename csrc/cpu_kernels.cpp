@@ -299,34 +299,39 @@ bool token_reductions_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
   const bool want_a = grad_a.defined(), want_b = grad_b_t.defined(), want_bias = grad_bias.defined();
   const at::Tensor b_t = lora_b.t().contiguous();
   const RowBlocks blocks(n_rows, d_in + d_out, x.element_size());  // a token's rows of x and dy
-  auto partials = [&](bool wanted, int64_t per_chunk) {
-    return wanted ? at::zeros({blocks.n_chunks, per_chunk}, x.options()) : at::Tensor();
-  };
-  at::Tensor partial_a = partials(want_a, r * d_in), partial_b = partials(want_b, r * d_out);
-  at::Tensor partial_bias = partials(want_bias, d_out);
+  // every chunk's partial sums in one buffer, [grad_a | grad_b_t | grad_bias] per chunk: one allocation, and the
+  // sums over chunks below are plain loops (at a layer of a few tokens, ATen calls would cost more than the work)
+  const int64_t size_a = want_a ? r * d_in : 0, size_b = want_b ? r * d_out : 0, size_bias = want_bias ? d_out : 0;
+  const int64_t per_chunk = size_a + size_b + size_bias;
+  const at::Tensor partials = at::zeros({blocks.n_chunks, per_chunk}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "condlora_token_reductions_cpu", [&] {
     const TokenReductionArgs<scalar_t> args{grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                             u.data_ptr<scalar_t>(), b_t.data_ptr<scalar_t>(),
                                             v_out.defined() ? v_out.data_ptr<scalar_t>() : nullptr,
                                             d_in, d_out, r, want_a, want_b, want_bias};
-    auto chunk_ptr = [](const at::Tensor& t, int64_t chunk) {
-      return t.defined() ? t.data_ptr<scalar_t>() + chunk * t.size(1) : nullptr;
-    };
+    scalar_t* const partial = partials.data_ptr<scalar_t>();
     blocks.for_each([&](int64_t chunk, int64_t begin, int64_t end) {
       thread_local std::vector<scalar_t> v;
       v.resize(kRowGroup * r);
-      reduce_rows_best(args, begin, end, v.data(), chunk_ptr(partial_a, chunk), chunk_ptr(partial_b, chunk),
-                       chunk_ptr(partial_bias, chunk));
+      scalar_t* mine = partial + chunk * per_chunk;
+      reduce_rows_best(args, begin, end, v.data(), want_a ? mine : nullptr, want_b ? mine + size_a : nullptr,
+                       want_bias ? mine + size_a + size_b : nullptr);
     });
+    // out = factor * (the chunks' partial sums added in chunk order): the same result whatever the schedule
+    auto finish = [&](const at::Tensor& out, int64_t offset, int64_t size, double factor) {
+      if (!out.defined()) return;
+      scalar_t* const result = out.data_ptr<scalar_t>();  // preallocated, contiguous: written in place
+      const scalar_t f = static_cast<scalar_t>(factor);
+      for (int64_t i = 0; i < size; ++i) {
+        scalar_t sum = partial[offset + i];
+        for (int64_t chunk = 1; chunk < blocks.n_chunks; ++chunk) sum += partial[chunk * per_chunk + offset + i];
+        result[i] = sum * f;
+      }
+    };
+    finish(grad_a, 0, size_a, scaling);
+    finish(grad_b_t, size_a, size_b, scaling);
+    finish(grad_bias, size_a + size_b, size_bias, 1.0);
   });
-  auto finish = [&](const at::Tensor& out, const at::Tensor& partial, double factor) {
-    if (!out.defined()) return;
-    at::Tensor result = out;  // the output tensors are preallocated; written in place
-    result.view({-1}).copy_(partial.sum(0).mul_(factor));
-  };
-  finish(grad_a, partial_a, scaling);
-  finish(grad_b_t, partial_b, scaling);
-  finish(grad_bias, partial_bias, 1.0);
   return true;
 }
 
