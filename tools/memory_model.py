@@ -5,7 +5,8 @@ Per provider, each in this process after the previous one is collected: the peak
 (compilation included) and over the steady steps, both above the memory allocated before the provider's
 model was built; then the allocations alive at the steady peak, grouped by the Python line that made them
 (`torch.cuda.memory._record_memory_history`), largest groups first. Inductor's generated code names its
-buffers on those lines, so a compiled step's groups read as "which saved tensor, which temporary".
+buffers on those lines, so a compiled step's groups read as "which saved tensor, which temporary". `--json` also
+keeps every allocation alive at the peak (size, line), for a diff between providers.
 
     python tools/memory_model.py [--model roberta-base] [--mode compile] [--providers frozen peft_lora
                                  "condlora[cuda]"] [--steps 3] [--top 12] [--json OUT]
@@ -43,7 +44,7 @@ def live_at_peak(snapshot: dict) -> tuple:
     groups = defaultdict(int)
     for event in at_peak.values():
         groups[_where(event.get("frames", []))] += event["size"]
-    return peak, groups
+    return peak, groups, sorted((event["size"], _where(event.get("frames", []))) for event in at_peak.values())
 
 
 def _where(frames: list) -> str:
@@ -77,7 +78,7 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int) -> dict:
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     steady = torch.cuda.max_memory_allocated() - before
-    traced_peak, groups = live_at_peak(snapshot)
+    traced_peak, groups, alive = live_at_peak(snapshot)
     largest = sorted(groups.items(), key=lambda item: -item[1])[:top]
     print(f"\n{provider} ({case.name}, {mode}): first steps' peak {first / MiB:.1f} MiB, steady peak "
           f"{steady / MiB:.1f} MiB (allocated between steps {start / MiB:.1f}, traced peak above it "
@@ -87,7 +88,9 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int) -> dict:
     del step
     torch._dynamo.reset()
     return {"provider": provider, "first_peak_mib": first / MiB, "steady_peak_mib": steady / MiB,
-            "between_steps_mib": start / MiB, "alive_at_peak": [[w, s / MiB] for w, s in largest]}
+            "between_steps_mib": start / MiB, "traced_peak_mib": traced_peak / MiB,
+            "alive_at_peak": [[w, s / MiB] for w, s in largest],
+            "every_allocation_at_peak": [[size, where] for size, where in alive]}
 
 
 def main():
