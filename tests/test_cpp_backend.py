@@ -205,6 +205,31 @@ def test_auto_picks_cpu_kernels_on_cpu_tensors():
 
 
 @needs_ext
+def test_the_short_backend_lookup(monkeypatch):
+    """Once the extension's backend is chosen for CPU tensors, any floating dtype and autocast state finds it by
+    (request, CONDLORA_BACKEND, device type); a changed CONDLORA_BACKEND is a new key; a non-floating x reaches the op,
+    which refuses it itself; a request naming another backend never takes the route."""
+    monkeypatch.setattr(backends, "_RESOLVED", {})
+    monkeypatch.setattr(backends, "_NATIVE_ROUTES", {})
+    monkeypatch.delenv("CONDLORA_BACKEND", raising=False)
+    assert backends.resolve_backend("auto", torch.empty(2, 3)).name == "cpu"
+    assert set(backends._NATIVE_ROUTES) == {("auto", "", "cpu")}
+    chosen = len(backends._RESOLVED)
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        assert backends.resolve_backend("auto", torch.empty(2, 3, dtype=dtype)).name == "cpu"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert backends.resolve_backend("auto", torch.empty(2, 3)).name == "cpu"
+    assert len(backends._RESOLVED) == chosen  # found by the short key: select_backend did not run again
+    assert backends.resolve_backend("reference", torch.empty(2, 3)).name == "reference"
+    monkeypatch.setenv("CONDLORA_BACKEND", "reference")
+    assert backends.resolve_backend("auto", torch.empty(2, 3)).name == "reference"
+    monkeypatch.delenv("CONDLORA_BACKEND")
+    p = make_problem(4, 8, 8, 2, mode="paper")
+    with pytest.raises(TypeError, match=r"x must be a floating tensor"):
+        condlora_linear(torch.ones(4, 8, dtype=torch.int64), *p.tensors()[1:], 1.0)
+
+
+@needs_ext
 def test_non_contiguous_x():
     problem = make_problem(8, 12, 12, 3, mode="paper", dtype=torch.float32, seed=13)
     xt = problem.x.t().contiguous().t()
