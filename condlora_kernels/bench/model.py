@@ -35,7 +35,7 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
     peak_mem_bytes    the peak of CUDA memory over the whole point (first step, compilation included), above
                       what was allocated before it. The previous point's model is collected first: a compiled
                       model sits in reference cycles, and freed by the garbage collector in the middle of the
-                      next point it lowered that point's figure by whatever it held (NOTES.md, seventh session)
+                      next point it lowered that point's figure by whatever it held (benchmarks/NOTES.md, seventh session)
     step_peak_mem_bytes  the same peak over the timed steps only: the steady state, what bounds the batch size
     graphs_compiled   compiled modes: the graphs Dynamo compiled (beyond graph_breaks + 1: recompilations,
     graph_breaks      each one more compile during the first steps) and the graph breaks it met
@@ -43,12 +43,11 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
 
 Time of a full GPU run of this level (Settings.for_device("cuda"): RoBERTa-base and the Llama stack in bf16,
 three modes; frozen, peft_lora, paper_code_condlora, condlora[triton], condlora[cuda] in every mode and
-condlora[reference] in eager mode only: 32 points), estimated for an H200, not yet measured: eager points
-~5-20 s each (the first Triton point autotunes: ~15 s on RoBERTa, ~35 s on the Llama stack), compiled
-RoBERTa points ~40-90 s (the first of each mode the longest: later providers find most of inductor's
-kernels in its caches), compiled Llama points ~15-40 s: about 8-14 minutes in all. The progress bar prints
-each point's wall time and the rows keep it (`point_s`). To stay within a time limit per command, run it in
-parts: `--only model --model-modes eager compile --merge`, then `--model-modes reduce-overhead --merge`.
+condlora[reference] in eager mode only: 32 points), measured on an H200 (benchmarks/NOTES.md, seventh session):
+eager mode with host time 97 s (Triton's first eager points autotune: ~30 s each), the compiled modes of frozen,
+PEFT and both backends 342 s, the paper's code compiled 144 s; the first-step level in fresh processes 219 s. The
+progress bar prints each point's wall time and the rows keep it (`point_s`). To stay within a time limit per
+command, run it in parts with `--merge` (tools/device_session7.sh does it in three).
 """
 
 from __future__ import annotations
