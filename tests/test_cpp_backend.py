@@ -210,10 +210,9 @@ def test_the_short_backend_lookup(monkeypatch):
     (request, CONDLORA_BACKEND, device type); a changed CONDLORA_BACKEND is a new key; a non-floating x reaches the op,
     which refuses it itself; a request naming another backend never takes the route."""
     monkeypatch.setattr(backends, "_RESOLVED", {})
-    monkeypatch.setattr(backends, "_NATIVE_ROUTES", {})
     monkeypatch.delenv("CONDLORA_BACKEND", raising=False)
     assert backends.resolve_backend("auto", torch.empty(2, 3)).name == "cpu"
-    assert set(backends._NATIVE_ROUTES) == {("auto", "", "cpu")}
+    assert backends._RESOLVED[("auto", "", "cpu")].name == "cpu"
     chosen = len(backends._RESOLVED)
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
         assert backends.resolve_backend("auto", torch.empty(2, 3, dtype=dtype)).name == "cpu"
@@ -487,7 +486,6 @@ def test_fallback_when_extension_unavailable(monkeypatch):
     monkeypatch.setattr(cpp, "LOAD_ERROR", reason)
     monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(backends, "_RESOLVED", {})  # the per-call choice is remembered: forget the real one
-    monkeypatch.setattr(backends, "_NATIVE_ROUTES", {})
     p = make_problem(4, 8, 8, 2, mode="paper")
     with pytest.raises(BackendUnavailableError, match=r"simulated"):
         condlora_linear(*p.tensors(), 1.0, backend="cpu")

@@ -191,7 +191,6 @@ def test_compiling_before_any_eager_call_compiles_once(monkeypatch):
     from condlora_kernels.ops import backends
 
     monkeypatch.setattr(backends, "_RESOLVED", {})
-    monkeypatch.setattr(backends, "_NATIVE_ROUTES", {})
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()

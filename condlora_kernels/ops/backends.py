@@ -174,11 +174,11 @@ def select_backend(requested: str, x: torch.Tensor) -> Backend:
     return BACKENDS["reference"]
 
 
+# resolve_backend's choices, under two kinds of key: (request, CONDLORA_BACKEND, device, dtype, autocast dtype), and
+# (request, CONDLORA_BACKEND, device type) once the extension's backend is chosen for that device type: it runs
+# every floating dtype, under autocast or not (its op casts), and refuses other dtypes itself with a TypeError, so a
+# call on that route needs neither x's dtype nor the autocast state
 _RESOLVED: dict = {}
-# (request, CONDLORA_BACKEND, device type) -> the extension's backend, once select_backend chose it there: it runs
-# every floating dtype, under autocast or not (its op casts), and refuses other dtypes itself with a TypeError, so
-# on this route a call needs neither x's dtype nor the autocast state
-_NATIVE_ROUTES: dict = {}
 
 
 def autocast_on(device_type: str) -> bool:
@@ -187,33 +187,35 @@ def autocast_on(device_type: str) -> bool:
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
+def _choose(requested: str, x: torch.Tensor) -> Backend:
+    """select_backend on the dtype the kernels will see: the autocast dtype under autocast."""
+    device_type = x.device.type
+    autocast = torch.get_autocast_dtype(device_type) if autocast_on(device_type) else None
+    cast = autocast is not None and x.dtype != torch.float64 and x.is_floating_point()
+    return select_backend(requested, torch.empty(0, device=x.device, dtype=autocast) if cast else x)
+
+
 def resolve_backend(requested: str, x: torch.Tensor) -> Backend:
-    """select_backend for a call, remembered per (request, CONDLORA_BACKEND, device, dtype, autocast dtype): the
-    per-call cost is one dictionary lookup, and where the extension's backend was chosen for the device type, one
-    lookup by (request, CONDLORA_BACKEND, device type) only (a layer's eager call is host-bound: every step of
-    this path counts, benchmarks/NOTES.md). Bad names are refused on every call, before the lookup. While
-    torch.compile traces, the choice is made without the dictionaries (a traced lookup would make Dynamo guard on
-    it, and the first eager call that fills it would then recompile the graph)."""
+    """select_backend for a call, remembered in `_RESOLVED`: the per-call cost is one dictionary lookup by (request,
+    CONDLORA_BACKEND, device type) where the extension's backend was chosen for the device type (a layer's eager
+    call is host-bound: every step of this path counts, benchmarks/NOTES.md), else two. Bad names are refused on
+    every call, before the lookup. While torch.compile traces, the choice is made without the dictionary (a traced
+    lookup would make Dynamo guard on it, and the first eager call that fills it would then recompile the graph)."""
+    if torch.compiler.is_compiling():
+        return _choose(requested, x)
     override = os.environ.get("CONDLORA_BACKEND", "")
     device = x.device
-    if not torch.compiler.is_compiling():
-        native = _NATIVE_ROUTES.get((requested, override, device.type))
-        if native is not None:
-            return native
+    route = (requested, override, device.type)
+    backend = _RESOLVED.get(route)
+    if backend is not None:
+        return backend
     autocast = torch.get_autocast_dtype(device.type) if autocast_on(device.type) else None
-
-    def choose() -> Backend:  # on the dtype the kernels will see: the autocast dtype under autocast
-        cast = autocast is not None and x.dtype != torch.float64 and x.is_floating_point()
-        return select_backend(requested, torch.empty(0, device=device, dtype=autocast) if cast else x)
-
-    if torch.compiler.is_compiling():
-        return choose()
     key = (requested, override, device, x.dtype, autocast)
     backend = _RESOLVED.get(key)
     if backend is None:
-        backend = _RESOLVED[key] = choose()
+        backend = _RESOLVED[key] = _choose(requested, x)
         if backend.native and x.is_floating_point():
-            _NATIVE_ROUTES[(requested, override, device.type)] = backend
+            _RESOLVED[route] = backend
     return backend
 
 
