@@ -20,7 +20,8 @@ from condlora_kernels.bench.shapes import MODEL_MODES, MODES, KernelShape, Setti
 KERNEL_FIELDS = {"provider", "shape", "mode", "dtype", "median_ms", "ratio_to_frozen", "tflops", "gbps",
                  "peak_mem_bytes", "status", "device", "torch", "triton"}
 MODEL_FIELDS = {"provider", "model", "mode", "precision", "median_ms", "examples_per_s", "ratio_to_frozen",
-                "ratio_to_peft", "peak_mem_bytes", "step_peak_mem_bytes", "first_step_s", "point_s", "status", "device", "torch"}
+                "ratio_to_peft", "peak_mem_bytes", "step_peak_mem_bytes", "first_step_s", "point_s", "status", "device",
+                "torch"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 H100_RESULT = Path(__file__).parent.parent / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3.json"

@@ -35,7 +35,8 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
     peak_mem_bytes    the peak of CUDA memory over the whole point (first step, compilation included), above
                       what was allocated before it. The previous point's model is collected first: a compiled
                       model sits in reference cycles, and freed by the garbage collector in the middle of the
-                      next point it lowered that point's figure by whatever it held (benchmarks/NOTES.md, seventh session)
+                      next point it lowered that point's figure by whatever it held (benchmarks/NOTES.md,
+                      seventh session)
     step_peak_mem_bytes  the same peak over the timed steps only: the steady state, what bounds the batch size
     graphs_compiled   compiled modes: the graphs Dynamo compiled (beyond graph_breaks + 1: recompilations,
     graph_breaks      each one more compile during the first steps) and the graph breaks it met
@@ -344,7 +345,8 @@ class ModelSuite:
             ms = self._median_step_ms(step)
             if cuda:
                 step_peak = torch.cuda.max_memory_allocated(self.device)
-                row.update(peak_mem_bytes=max(whole_point_peak, step_peak) - before, step_peak_mem_bytes=step_peak - before)
+                row.update(peak_mem_bytes=max(whole_point_peak, step_peak) - before,
+                           step_peak_mem_bytes=step_peak - before)
             if mode != "eager":
                 row.update(graphs_compiled=dynamo_counters["stats"]["unique_graphs"],
                            graph_breaks=sum(dynamo_counters["graph_break"].values()))
