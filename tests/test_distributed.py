@@ -7,6 +7,7 @@ ranks equal) within TOLERANCE, or raises ReentrantCheckpointDDPError in the firs
 The processes are spawned once for all configurations (a few seconds each, the rest is start-up).
 """
 
+import dataclasses
 import math
 import os
 
@@ -133,10 +134,17 @@ def _train_trainer(model, ddp_kwargs, use_reentrant, output_dir):
         max_steps=STEPS, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", optim="sgd",
         weight_decay=0.0, max_grad_norm=0.0, average_tokens_across_devices=False, train_sampling_strategy="sequential",
         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-        activation_checkpointing=use_reentrant is not None,
-        activation_checkpointing_kwargs=None if use_reentrant is None else {"use_reentrant": use_reentrant},
-        ddp_static_graph=ddp_kwargs.get("static_graph"))
+        ddp_static_graph=ddp_kwargs.get("static_graph"), **_checkpointing_args(use_reentrant))
     return _trainer_losses(model, args)[1]
+
+
+def _checkpointing_args(use_reentrant):
+    """TrainingArguments' checkpointing fields under either name: `activation_checkpointing*` in recent
+    transformers 5.x, `gradient_checkpointing*` before (5.17 has only those)."""
+    fields = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": use_reentrant is not None,
+            f"{prefix}_checkpointing_kwargs": None if use_reentrant is None else {"use_reentrant": use_reentrant}}
 
 
 def _trainer_losses(model, args):

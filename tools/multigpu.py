@@ -89,6 +89,14 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    def mesh(self):
+        """FSDP2's mesh on this run's device. fully_shard's default mesh is the accelerator's: with --device cpu on a
+        host with a GPU it would move the model to CUDA, and under torchrun with more ranks than GPUs each rank would
+        select cuda:LOCAL_RANK, which does not exist (an "invalid device ordinal" on a one-GPU host)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.size,))
+
 
 def start(device_type: str) -> World:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU); one process without torchrun."""
@@ -159,7 +167,7 @@ def wrap(model, strategy: str, world: World, family: str):
     if strategy == "ddp-checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy == "fsdp2":
-        return shard_condlora_model(model, block_classes=BLOCK_CLASSES[family])
+        return shard_condlora_model(model, block_classes=BLOCK_CLASSES[family], mesh=world.mesh())
     if strategy in ("ddp", "ddp-checkpoint"):
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
@@ -267,7 +275,7 @@ def throughput_point(provider: str, family: str, args, world: World) -> dict:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        wrapped = shard_condlora_model(model, block_classes=BLOCK_CLASSES[family],
+        wrapped = shard_condlora_model(model, block_classes=BLOCK_CLASSES[family], mesh=world.mesh(),
                                        **({"mp_policy": policy} if policy else {}))
         autocast = False
     elif world.size > 1:

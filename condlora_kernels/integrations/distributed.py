@@ -204,7 +204,8 @@ def shard_condlora_model(model: nn.Module, block_classes=None, **fsdp_kwargs) ->
         fsdp_kwargs: passed to every fully_shard call (mesh, mp_policy, offload_policy, reshard_after_forward,
             ...); the root gets them without reshard_after_forward, so that FSDP2 keeps the root's parameters,
             the generators among them, gathered from its forward to the end of the backward, as it does by
-            default.
+            default. Without `mesh`, fully_shard takes the accelerator's mesh and moves the model there; for a
+            model trained on the CPU of a host with a GPU, pass `mesh=init_device_mesh("cpu", (world_size,))`.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
