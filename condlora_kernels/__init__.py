@@ -7,13 +7,15 @@ linear maps per module type, shared by all layers:  A = theta_a W0^T (or theta_a
     FusedCondLoRALinear.from_linear(linear, r=8, alpha=8, ...)        drop-in for nn.Linear
     apply_condlora(model, ["query", "value"], r=8, alpha=8)          any nn.Module / transformers model
     save_condlora / load_condlora, merge_condlora, export_peft_adapter
+    set_recompute_weight_cast(model)       less memory for float32 weights under autocast, one more pass over W0
 """
 
 from condlora_kernels import reference
 from condlora_kernels.integrations import (apply_condlora, condlora_generators, condlora_layers, condlora_state_dict,
                                            export_peft_adapter, load_condlora, merge_adapters_in_place,
                                            merge_and_unload, merge_condlora, print_trainable_parameters,
-                                           save_condlora, shard_condlora_model, unmerge_adapters)
+                                           save_condlora, set_recompute_weight_cast, shard_condlora_model,
+                                           unmerge_adapters)
 from condlora_kernels.modules import CondLoRAGenerator, FusedCondLoRALinear
 from condlora_kernels.ops import (BackendUnavailableError, CondLoRAFallbackWarning, available_backends,
                                   condlora_linear)
@@ -28,7 +30,8 @@ __all__ = [
     "BackendUnavailableError", "CondLoRAFallbackWarning", "CondLoRAGenerator", "FusedCondLoRALinear",
     "apply_condlora", "available_backends", "condlora_generators", "condlora_layers", "condlora_linear",
     "condlora_state_dict", "export_peft_adapter", "load_condlora", "merge_adapters_in_place", "merge_and_unload",
-    "merge_condlora", "print_trainable_parameters", "reference", "save_condlora", "shard_condlora_model",
+    "merge_condlora", "print_trainable_parameters", "reference", "save_condlora", "set_recompute_weight_cast",
+    "shard_condlora_model",
     "unmerge_adapters",
     "__version__",
 ]

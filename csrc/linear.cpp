@@ -9,7 +9,10 @@
 //   - runs through three ops of condlora.cpp, which are what torch.compile traces (each has a fake implementation
 //     in kernels/cpp.py): prepare (A and B, and the weight rounded to x's dtype, in one pass over W0 where the
 //     device has the kernel), forward_ab and backward_ab;
-//   - returns the generators' gradients in the generators' own dtype (the engine casts them).
+//   - returns the generators' gradients in the generators' own dtype (the engine casts them);
+//   - keeps from forward to backward the weight in x's dtype (prepare's rounding of a float32 master), or, with
+//     recompute_weight_cast, only the master, rounded again in the backward: 2 bytes less per W0 element between
+//     forward and backward, one more pass over W0 in the backward (docs/design.md §4).
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/enum_tag.h>
@@ -62,7 +65,7 @@ const auto& backward_ab_op() {
 const auto& linear_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("condlora_C::linear", "").typed<at::Tensor(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-      double, double, c10::string_view)>();
+      double, double, c10::string_view, bool)>();
   return op;
 }
 
@@ -128,11 +131,14 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& theta_a,
-                            const at::Tensor& theta_b, double scaling, double dropout_p, c10::string_view mode) {
+                            const at::Tensor& theta_b, double scaling, double dropout_p, c10::string_view mode,
+                            bool recompute_weight_cast) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const std::string mode_name(mode);
     const ForwardResult result = run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode_name);
-    ctx->save_for_backward({result.x2d, result.weight, result.u, result.lora_a, result.lora_b,
+    // the master (a parameter, alive anyway) instead of its rounding: the backward rounds it again
+    const at::Tensor& saved_weight = recompute_weight_cast ? weight : result.weight;
+    ctx->save_for_backward({result.x2d, saved_weight, result.u, result.lora_a, result.lora_b,
                             result.seed.has_value() ? *result.seed : at::Tensor(),
                             x});  // x for dx's shape (its sizes may be symbolic under torch.compile)
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -147,8 +153,11 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2d = saved[0], &weight = saved[1], &u = saved[2], &lora_a = saved[3], &lora_b = saved[4];
+    const at::Tensor &x2d = saved[0], &u = saved[2], &lora_a = saved[3], &lora_b = saved[4];
     const at::Tensor &seed = saved[5], &x = saved[6];
+    // a float32 master kept by recompute_weight_cast: rounded to x's dtype as prepare rounded it (to nearest even)
+    const at::Tensor weight =
+        saved[1].scalar_type() == x2d.scalar_type() ? saved[1] : saved[1].to(x2d.scalar_type());
     // needs_input_grad counts tensor inputs only: without a bias, theta_a and theta_b come one place earlier
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t theta_a_index = has_bias ? 3 : 2;
@@ -160,7 +169,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
         ctx->saved_data["dropout_p"].toDouble(), seed.defined() ? std::optional<at::Tensor>(seed) : std::nullopt,
         ctx->saved_data["mode"].toStringRef(), ctx->saved_data["theta_grad_dtype"].toScalarType(), needs);
     auto cast_to = [](const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
-    variable_list out(8);
+    variable_list out(9);
     if (needs[0]) out[0] = grad_x.view_symint(x.sym_sizes());
     if (needs[3]) out[2] = grad_bias;
     if (needs[1]) out[3] = cast_to(grad_theta_a, ctx->saved_data["theta_a_dtype"].toScalarType());
@@ -171,15 +180,15 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
-                           c10::string_view mode) {
+                           c10::string_view mode, bool recompute_weight_cast) {
   check_linear_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p);
-  return LinearFunction::apply(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode);
+  return LinearFunction::apply(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode, recompute_weight_cast);
 }
 
 // Below autograd (inference mode, or a caller that redispatched): the forward alone, nothing saved.
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
-                              c10::string_view mode) {
+                              c10::string_view mode, bool /*recompute_weight_cast: nothing is saved here*/) {
   check_linear_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p);
   const ForwardResult result = run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, std::string(mode));
   return result.y2d.view_symint(output_shape(x, weight.sym_size(0)));
@@ -190,7 +199,7 @@ at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& weight, con
 template <c10::DeviceType device_type, c10::DispatchKey autocast_key>
 at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
-                           c10::string_view mode) {
+                           c10::string_view mode, bool recompute_weight_cast) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   const auto dtype = at::autocast::get_autocast_dtype(device_type);
   const at::Tensor x_cast = at::autocast::cached_cast(dtype, x, device_type);
@@ -199,7 +208,8 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
     return weight_dtype_fits(t.scalar_type(), x_cast.scalar_type()) ? t : at::autocast::cached_cast(dtype, t, device_type);
   };
   const std::optional<at::Tensor> bias_cast = bias.has_value() ? std::optional<at::Tensor>(follow(*bias)) : std::nullopt;
-  return linear_op().call(x_cast, follow(weight), bias_cast, theta_a, theta_b, scaling, dropout_p, mode);
+  return linear_op().call(x_cast, follow(weight), bias_cast, theta_a, theta_b, scaling, dropout_p, mode,
+                          recompute_weight_cast);
 }
 
 at::Tensor draw_seed(const at::Tensor& like) {
@@ -213,7 +223,7 @@ TORCH_LIBRARY_FRAGMENT(condlora_C, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias, Tensor theta_a, Tensor theta_b, float scaling, "
-      "float dropout_p=0.0, str mode=\"paper\") -> Tensor",
+      "float dropout_p=0.0, str mode=\"paper\", bool recompute_weight_cast=False) -> Tensor",
       tags);
   m.def("draw_seed(Tensor like) -> Tensor", {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
 }

@@ -24,7 +24,8 @@ from torch import nn
 
 from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
 from condlora_kernels.modules.generator import CondLoRAGenerator
-from condlora_kernels.modules.linear import FusedCondLoRALinear, adapter_dtype, check_alpha, resolve_mode
+from condlora_kernels.modules.linear import (FusedCondLoRALinear, adapter_dtype, check_alpha,
+                                            check_recompute_weight_cast, resolve_mode)
 from condlora_kernels.ops.backends import check_backend_name
 
 GENERATORS_ATTR = "condlora_generators"  # the nn.ModuleDict at the model root; state_dict keys start with it
@@ -92,6 +93,18 @@ def _contains(outer: str, inner: str) -> bool:
 def condlora_layers(model: nn.Module) -> dict:
     """{module name: FusedCondLoRALinear} for every CondLoRA layer of `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, FusedCondLoRALinear)}
+
+
+def set_recompute_weight_cast(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Set `recompute_weight_cast` on every CondLoRA layer of `model` and return the model: with float32 weights
+    in a half-precision step (autocast), each layer keeps only its float32 W0 from forward to backward and rounds it
+    again in the backward (FusedCondLoRALinear; docs/design.md §4). A setting of how the model runs, as
+    gradient checkpointing is: neither `condlora_config` nor a saved adapter records it."""
+    enabled = check_recompute_weight_cast(enabled)
+    layers = _require_layers(model, "set_recompute_weight_cast")
+    for layer in layers.values():
+        layer.recompute_weight_cast = enabled
+    return model
 
 
 def condlora_generators(model: nn.Module) -> dict:

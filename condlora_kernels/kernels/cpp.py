@@ -120,7 +120,8 @@ if _C is not None:
         return like.new_empty(1, dtype=torch.int64)
 
     @torch.library.register_fake("condlora_C::linear")
-    def _linear_fake(x, weight, bias, theta_a, theta_b, scaling, dropout_p=0.0, mode="paper"):
+    def _linear_fake(x, weight, bias, theta_a, theta_b, scaling, dropout_p=0.0, mode="paper",
+                     recompute_weight_cast=False):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

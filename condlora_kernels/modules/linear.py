@@ -42,6 +42,12 @@ def check_alpha(alpha) -> float:
     return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
 
 
+def check_recompute_weight_cast(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"recompute_weight_cast must be a bool, got {value!r} of type {type(value).__name__}")
+    return value
+
+
 class FusedCondLoRALinear(nn.Module):
     """y = x W0^T + b + (alpha / r) * (dropout(x) A^T) B^T, with A, B generated from the frozen W0.
 
@@ -53,11 +59,16 @@ class FusedCondLoRALinear(nn.Module):
     In a model adapted by `apply_condlora` the generator is shared by every layer of its target and stored
     once, at the model root (`model.condlora_generators[key]`); the layer keeps a plain reference to it,
     read at each call, and `generator_key` names it (docs/design.md §8).
+
+    `recompute_weight_cast` (a setting, also an attribute): for a float32 W0 in a half-precision step (autocast),
+    keep only W0 from forward to backward and round it again in the backward, instead of keeping its rounding:
+    2 bytes less per W0 element until the backward, at the cost of one more pass over W0 (docs/design.md §4).
+    The results are the same. `set_recompute_weight_cast(model)` sets it on every layer of a model.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, alpha: float = 8,
                  dropout: float = 0.0, generator: Optional[CondLoRAGenerator] = None, mode: str = "auto",
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", recompute_weight_cast: bool = False, device=None, dtype=None):
         super().__init__()
         check_rank(r)
         self.in_features, self.out_features = in_features, out_features
@@ -66,14 +77,15 @@ class FusedCondLoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
         nn.Linear.reset_parameters(self)  # same initialisation of W0 and b as nn.Linear
-        self._configure(r, alpha, dropout, generator, mode, backend)
+        self._configure(r, alpha, dropout, generator, mode, backend, recompute_weight_cast)
 
-    def _configure(self, r, alpha, dropout, generator, mode, backend):
+    def _configure(self, r, alpha, dropout, generator, mode, backend, recompute_weight_cast):
         self.mode = resolve_mode(mode, self.in_features, self.out_features)
         self.r = check_rank(r)
         self.alpha = check_alpha(alpha)
         self.dropout = check_dropout_p(dropout)
         self.backend = check_backend_name(backend)
+        self.recompute_weight_cast = check_recompute_weight_cast(recompute_weight_cast)
         if generator is None:
             generator = CondLoRAGenerator(self.in_features, self.out_features, r, self.mode,
                                           device=self.weight.device, dtype=adapter_dtype(self.weight.dtype))
@@ -109,7 +121,7 @@ class FusedCondLoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     generator: Optional[CondLoRAGenerator] = None, mode: str = "auto",
-                    backend: str = "auto") -> "FusedCondLoRALinear":
+                    backend: str = "auto", recompute_weight_cast: bool = False) -> "FusedCondLoRALinear":
         """Wrap `linear` (its weight and bias are shared, not copied, and frozen); a new generator unless given."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -121,7 +133,7 @@ class FusedCondLoRALinear(nn.Module):
         module.bias = linear.bias
         if module.bias is not None:
             module.bias.requires_grad_(False)
-        module._configure(r, alpha, dropout, generator, mode, backend)
+        module._configure(r, alpha, dropout, generator, mode, backend, recompute_weight_cast)
         module.train(linear.training)  # a layer of a model in eval mode stays in eval mode (no dropout)
         return module
 
@@ -145,7 +157,7 @@ class FusedCondLoRALinear(nn.Module):
             distributed.check_unsharded(self)  # an FSDP2 shard (DTensor) left ungathered: a clear error (§8.7)
         return condlora_linear(x, weight, self.bias, theta_a, generator.theta_b, self.alpha / self.r,
                                dropout_p=self.dropout if self.training else 0.0, mode=self.mode,
-                               backend=self.backend)
+                               backend=self.backend, recompute_weight_cast=self.recompute_weight_cast)
 
     def _refuse_training_while_merged(self) -> None:
         if self.training and torch.is_grad_enabled() and (self.generator.theta_a.requires_grad
@@ -207,4 +219,5 @@ class FusedCondLoRALinear(nn.Module):
         shared = "" if self.owns_generator else f", generator={self.generator_key!r} (shared, at the model root)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, mode={self.mode}, "
-                f"backend={self.backend}, merged={self.merged}{shared}")
+                f"backend={self.backend}, merged={self.merged}{shared}"
+                + (", recompute_weight_cast=True" if self.recompute_weight_cast else ""))

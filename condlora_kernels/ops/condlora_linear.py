@@ -9,6 +9,8 @@ Two routes, one contract (docs/design.md §4):
     whose backward is each backend's hand-written implementation of the chain rule of docs/design.md §2.
 The dropout mask is not stored: it is a function of a seed drawn from torch's RNG on x's device (so
 `torch.manual_seed` reproduces it) and of the element's index, regenerated in the backward (docs/design.md §3).
+With `recompute_weight_cast`, neither is the rounding of a float32 master W0 to the compute dtype: the backward
+rounds the master again (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ SEED_HIGH = 1 << 62  # seeds are drawn uniformly from [0, 2^62)
 
 
 class CondLoRALinearFunction(torch.autograd.Function):
-    """Autograd over one backend's forward and backward ops (the backend is passed by name)."""
+    """Autograd over one backend's forward and backward ops (the backend is passed by name). `weight` is in x's
+    dtype; `master` is the float32 weight it was rounded from, saved instead of it (recompute_weight_cast), or
+    None."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, theta_a, theta_b, scaling: float, dropout_p: float,
-                seed: Optional[torch.Tensor], mode: str, backend_name: str):
+                seed: Optional[torch.Tensor], mode: str, backend_name: str, master: Optional[torch.Tensor] = None):
         backend = BACKENDS[backend_name]
         d_out, d_in = weight.shape
         x2d = x.reshape(-1, d_in)
         out = backend.forward(x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode)
-        ctx.save_for_backward(x2d, weight, theta_a, theta_b, out.u, out.lora_a, out.lora_b, seed)
+        saved_weight = weight if master is None else master
+        ctx.save_for_backward(x2d, saved_weight, theta_a, theta_b, out.u, out.lora_a, out.lora_b, seed)
         ctx.scaling, ctx.dropout_p, ctx.mode, ctx.backend_name = scaling, dropout_p, mode, backend_name
         ctx.x_shape = x.shape
         return out.y.reshape(*x.shape[:-1], d_out)
@@ -41,13 +46,14 @@ class CondLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2d, weight, theta_a, theta_b, u, lora_a, lora_b, seed = ctx.saved_tensors
+        weight = _to(weight, x2d.dtype)  # a master kept by recompute_weight_cast, rounded again
         need_x, _, need_b, need_ta, need_tb = ctx.needs_input_grad[:5]
         grads = BACKENDS[ctx.backend_name].backward(
             grad_y.reshape(-1, weight.shape[0]), x2d, weight, theta_a, theta_b, u, lora_a, lora_b,
             ctx.scaling, ctx.dropout_p, seed, ctx.mode, (need_x, need_ta, need_tb, need_b))
         grad_x = grads.grad_x.reshape(ctx.x_shape) if need_x else None
         return (grad_x, None, grads.grad_bias if need_b else None, grads.grad_theta_a if need_ta else None,
-                grads.grad_theta_b if need_tb else None, None, None, None, None, None)
+                grads.grad_theta_b if need_tb else None, None, None, None, None, None, None)
 
 
 def _autocast_inputs(x, weight, bias):
@@ -76,7 +82,7 @@ def draw_seed(x: torch.Tensor) -> torch.Tensor:
 
 def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], theta_a: torch.Tensor,
                     theta_b: torch.Tensor, scaling: float, *, dropout_p: float = 0.0, mode: str = "paper",
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", recompute_weight_cast: bool = False) -> torch.Tensor:
     """CondLoRA linear layer: ``x W0^T + b + scaling * (dropout(x) A^T) B^T`` with A, B generated from W0.
 
     Args:
@@ -92,22 +98,30 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         dropout_p: dropout probability on the low-rank path only (the frozen matmul sees x unchanged).
         mode: "paper" (A = theta_a W0^T, square W0, the paper's code) or "general" (A = theta_a W0, any W0).
         backend: "auto", "reference", "triton", "cuda" or "cpu" (see `available_backends()`).
+        recompute_weight_cast: when weight is a float32 master rounded to a half-precision compute dtype, keep only
+            the master from forward to backward and round it again in the backward: 2 bytes less memory per W0
+            element until the backward, one more pass over W0 in it; the result is the same. No effect when W0 is
+            already in the compute dtype.
 
     Returns:
         y of shape x.shape[:-1] + (d_out,), in x's dtype (the autocast dtype under autocast).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(recompute_weight_cast, bool):
+        raise TypeError(f"recompute_weight_cast must be a bool, got {type(recompute_weight_cast).__name__}")
     chosen = resolve_backend(backend, x)
     if chosen.native:
         # the extension's op: checks, autocast, dropout seed and autograd in C++ (docs/design.md §4)
-        return chosen.linear(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
+        return chosen.linear(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode, recompute_weight_cast)
+    stored = weight
     x, weight, bias = _autocast_inputs(x, weight, bias)
     check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
     dtype = x.dtype
     weight, bias, theta_a, theta_b = (_to(t, dtype) for t in (weight, bias, theta_a, theta_b))
+    master = stored if recompute_weight_cast and stored.dtype == torch.float32 and dtype != torch.float32 else None
     seed = draw_seed(x) if dropout_p > 0.0 else None
-    args = (x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p), seed, mode, chosen.name)
+    args = (x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p), seed, mode, chosen.name, master)
     if not autocast_on(x.device.type):  # meta tensors, say: a device type autocast does not know
         return CondLoRALinearFunction.apply(*args)
     with torch.autocast(x.device.type, enabled=False):

@@ -1,0 +1,143 @@
+"""`recompute_weight_cast` (docs/design.md §4): a float32 W0 in a half-precision step is kept as it is from forward
+to backward and rounded again in the backward, instead of its rounding being kept. Same results bit for bit as the
+default on every backend (dropout included), compiled too; the master, not a copy, is what the layer saves; on a
+GPU, the memory held between forward and backward is smaller by the rounded copy."""
+
+import copy
+
+import pytest
+import torch
+
+from condlora_kernels import (FusedCondLoRALinear, apply_condlora, available_backends, condlora_layers,
+                              condlora_linear, set_recompute_weight_cast)
+from tests.conftest import HAS_CUDA, requires_cuda
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+CASES = [(device, backend) for device in DEVICES
+         for backend, reason in available_backends(device, torch.bfloat16).items() if reason is None]
+D_IN, D_OUT = 48, 40  # general mode (paper mode needs a square W0)
+
+
+def make_layer(device, backend, recompute, mode="general", d_in=D_IN, d_out=D_OUT, dropout=0.0, dtype=None):
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(d_in, d_out, device=device, dtype=dtype)
+    layer = FusedCondLoRALinear.from_linear(linear, r=4, dropout=dropout, mode=mode, backend=backend,
+                                            recompute_weight_cast=recompute)
+    for p in layer.generator.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # theta_b starts at zero: make the low-rank path count
+    return layer
+
+
+def step(layer, device, half=torch.bfloat16, n=37):
+    """(y, dx, dtheta_a, dtheta_b) of one forward+backward under autocast, x and grad_y fixed by seeds."""
+    torch.manual_seed(5)  # x, grad_y and the dropout seed
+    x = torch.randn(n, layer.in_features, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=half):
+        y = layer(x)
+    y.backward(torch.randn(y.shape, device=device, dtype=y.dtype))
+    return y.detach(), x.grad, layer.generator.theta_a.grad, layer.generator.theta_b.grad
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("mode,d_in,d_out", [("general", D_IN, D_OUT), ("paper", 40, 40)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_same_results_bit_for_bit(device, backend, mode, d_in, d_out, dropout):
+    halves = [torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    for half in halves:
+        outputs = [step(make_layer(device, backend, recompute, mode, d_in, d_out, dropout).train(), device, half)
+                   for recompute in (False, True)]
+        for name, a, b in zip(("y", "dx", "dtheta_a", "dtheta_b"), *outputs):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} ({half}) differs with recompute_weight_cast"
+
+
+def saved_tensors(layer, device, dtype=torch.bfloat16):
+    """Every tensor the layer's forward saves for its backward (saved_tensors_hooks see the C++ op's too)."""
+    saved = []
+    x = torch.randn(9, layer.in_features, device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(device, dtype=dtype):
+            layer(x)
+    return saved
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_the_master_is_saved_instead_of_its_rounding(device, backend):
+    weight_like = lambda saved: [t for t in saved if tuple(t.shape) == (D_OUT, D_IN)]  # noqa: E731
+    default = weight_like(saved_tensors(make_layer(device, backend, False), device))
+    assert [t.dtype for t in default] == [torch.bfloat16]
+    layer = make_layer(device, backend, True)
+    kept = weight_like(saved_tensors(layer, device))
+    assert [t.dtype for t in kept] == [torch.float32]
+    assert kept[0].data_ptr() == layer.weight.data_ptr()  # the parameter itself: no memory of its own
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_no_effect_when_the_weight_is_in_the_compute_dtype(device, backend):
+    layer = make_layer(device, backend, True, dtype=torch.bfloat16)
+    x = torch.randn(9, D_IN, device=device, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    kept = [t for t in saved if tuple(t.shape) == (D_OUT, D_IN)]
+    assert len(kept) == 1 and kept[0].data_ptr() == layer.weight.data_ptr()
+    y.sum().backward()
+    assert x.grad is not None and layer.generator.theta_b.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_matches_eager(device):
+    """torch.compile traces the op's C++ autograd (inductor on a GPU, aot_eager on the CPU): the backward rounds
+    the master there too, and the step gives the eager default's results."""
+    backend = "cuda" if device == "cuda" else "cpu"
+    if available_backends(device, torch.bfloat16)[backend] is not None:
+        pytest.skip(available_backends(device, torch.bfloat16)[backend])
+    torch._dynamo.reset()
+    expected = step(make_layer(device, backend, False), device)
+    layer = make_layer(device, backend, True)
+    compiled = torch.compile(layer, backend="inductor" if device == "cuda" else "aot_eager", fullgraph=True)
+    got = step(compiled, device)  # the compiled module reads through to the layer's attributes
+    for name, a, b in zip(("y", "dx", "dtheta_a", "dtheta_b"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-2 if name == "y" else 1e-4, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", [b for d, b in CASES if d == "cuda"])
+def test_less_memory_between_forward_and_backward(backend):
+    """What stays allocated after the forward, default against recompute_weight_cast: at least the bf16 copy of
+    W0 less (2 bytes per element)."""
+    d = 1024
+    alive = {}
+    for recompute in (False, True):
+        layer = make_layer("cuda", backend, recompute, mode="paper", d_in=d, d_out=d)
+        x = torch.randn(512, d, device="cuda", requires_grad=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        torch.cuda.synchronize()
+        alive[recompute] = torch.cuda.memory_allocated() - before
+        y.sum().backward()
+        del y, x, layer
+    assert alive[False] - alive[True] >= d * d * 2, alive
+
+
+def test_model_setting_and_argument_checks():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no CondLoRA layers"):
+        set_recompute_weight_cast(copy.deepcopy(model))
+    apply_condlora(model, ["0", "2"], r=2)
+    assert set_recompute_weight_cast(model) is model
+    assert all(layer.recompute_weight_cast for layer in condlora_layers(model).values())
+    assert "recompute_weight_cast=True" in repr(model)
+    set_recompute_weight_cast(model, False)
+    assert not any(layer.recompute_weight_cast for layer in condlora_layers(model).values())
+    assert "recompute_weight_cast" not in repr(model.condlora_config)  # how the model runs, not what it is
+    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool, got 1 of type int"):
+        set_recompute_weight_cast(model, 1)
+    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool"):
+        FusedCondLoRALinear(8, 8, recompute_weight_cast="yes")
+    layer = condlora_layers(model)["0"]
+    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool, got int"):
+        condlora_linear(torch.randn(2, 8), layer.weight, layer.bias, layer.generator.theta_a,
+                        layer.generator.theta_b, 1.0, recompute_weight_cast=1)
