@@ -8,14 +8,17 @@ backend). GPU (marked `gpu`): the full run's cases (RoBERTa-base in the paper's 
 query and value, r=8, and a 2-layer Llama-7B-like stack, bf16) in the three modes.
 """
 
+import copy
 import dataclasses
 import weakref
 
 import pytest
 import torch
 
+from condlora_kernels import condlora_layers
 from condlora_kernels.bench import model as bench_model
-from condlora_kernels.bench.model import MODEL_PROVIDERS, ModelSuite, attach, compiled
+from condlora_kernels.bench.first_step import first_step_plan
+from condlora_kernels.bench.model import MODEL_PROVIDERS, ModelSuite, attach, compiled, condlora_provider
 from condlora_kernels.bench.shapes import MODEL_MODES, ROBERTA_TINY, Settings
 
 pytest.importorskip("transformers")
@@ -91,6 +94,20 @@ def test_compiled_mode_runs(device, backend, monkeypatch):
         if device == "cuda":
             assert 0 < row["step_peak_mem_bytes"] <= row["peak_mem_bytes"], figures
     assert len(models) == 2
+
+
+def test_the_recompute_provider():
+    """condlora[<backend>]+recompute: the backend's layers with recompute_weight_cast set on every one."""
+    assert condlora_provider("condlora[cuda]+recompute") == ("cuda", True)
+    assert condlora_provider("condlora[triton]") == ("triton", False)
+    assert condlora_provider("peft_lora") is None and condlora_provider("frozen+recompute") is None
+    case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
+    base = bench_model.build_model(case, torch.device("cpu"))
+    for provider, expected in (("condlora[cpu]", False), ("condlora[cpu]+recompute", True)):
+        layers = condlora_layers(attach(provider, copy.deepcopy(base), case, 0.0)).values()
+        assert len(layers) == 2 and all(layer.recompute_weight_cast is expected for layer in layers), provider
+        assert all(layer.backend == "cpu" for layer in layers)
+    assert first_step_plan(["condlora[cuda]+recompute", "condlora[cuda]", "frozen"]) == ["frozen", "condlora[cuda]"]
 
 
 def test_compiled_wraps_the_model():

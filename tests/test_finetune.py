@@ -13,6 +13,7 @@ import pathlib
 import pytest
 import torch
 
+from condlora_kernels import condlora_layers
 from condlora_kernels.__main__ import main
 from condlora_kernels.finetune import (InputError, TrainSettings, finetune, load_csv, load_tokenizer, recommended_lr,
                                        prepare_data)
@@ -112,6 +113,26 @@ def test_method_option_runs_one_method(model_dir, two_class_csv, tmp_path, metho
     assert method in results and ({"lora", "condlora"} - {method}).isdisjoint(results)
     assert results[method]["lr"] == 0.01
     assert results[method]["steps"] == 2 * math.ceil(results["data"]["train_examples"] / 4)
+
+
+def test_recompute_weight_cast_option(model_dir, two_class_csv, tmp_path, monkeypatch):
+    """--recompute-weight-cast reaches every CondLoRA layer (on the CPU in float32 it changes nothing) and
+    results.json records it."""
+    from condlora_kernels.finetune import train
+
+    layers_seen = []
+    add_adapter = train.add_adapter
+
+    def recording(*args, **kwargs):
+        model = add_adapter(*args, **kwargs)
+        layers_seen.extend(condlora_layers(model).values())
+        return model
+
+    monkeypatch.setattr(train, "add_adapter", recording)
+    out = tmp_path / "out"
+    assert run_finetune(model_dir, two_class_csv, out, "--method", "condlora", "--recompute-weight-cast") == 0
+    assert layers_seen and all(layer.recompute_weight_cast for layer in layers_seen)
+    assert json.loads((out / "results.json").read_text())["settings"]["recompute_weight_cast"] is True
 
 
 def test_method_option_rejects_unknown(capsys):

@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from condlora_kernels.bench import report
-from condlora_kernels.bench.first_step import measure_first_steps
+from condlora_kernels.bench.first_step import first_step_plan, measure_first_steps
 from condlora_kernels.bench.host import HostSuite
 from condlora_kernels.bench.kernels import KernelSuite
 from condlora_kernels.bench.model import MODEL_PROVIDERS, ModelSuite
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     notes = []
     kernel_plan = kernels.plan(kernel_providers, args.modes) if "kernel" in levels else []
     model_plan = models.plan(model_providers) if "model" in levels else []
-    first_step_providers = [p for p in MODEL_PROVIDERS if p in model_providers] if "first-step" in levels else []
+    first_step_providers = first_step_plan(model_providers) if "first-step" in levels else []
     host_devices = (["cpu"] + (["cuda"] if device.type == "cuda" else [])) if "host" in levels else []
     if (model_plan or first_step_providers) and importlib.util.find_spec("transformers") is None:
         notes.append("model level skipped: transformers is not installed")

@@ -30,10 +30,17 @@ import torch
 
 from condlora_kernels.bench import report
 from condlora_kernels.bench.kernels import error_message
-from condlora_kernels.bench.model import build_model, prepare_point, provider_unavailable, timed_first_step
+from condlora_kernels.bench.model import (MODEL_PROVIDERS, RECOMPUTE_SUFFIX, build_model, prepare_point,
+                                          provider_unavailable, timed_first_step)
 from condlora_kernels.bench.shapes import MODEL_CASES, ModelCase, Settings
 
 CACHE_VARIABLES = ("CONDLORA_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def first_step_plan(providers) -> list:
+    """The model providers whose first step is timed, in MODEL_PROVIDERS' order: not the +recompute variants, a
+    setting of the backward that changes nothing the first step pays for (compiling, autotuning)."""
+    return [p for p in MODEL_PROVIDERS if p in providers and not p.endswith(RECOMPUTE_SUFFIX)]
 
 
 def measure_first_steps(device: torch.device, settings: Settings, providers) -> list:

@@ -9,6 +9,8 @@ Providers (the adapters put on the same base model, copied for each):
     paper_code_condlora     the paper's code: per-target shared nn.Linear generators, forward via
                             reference.paper_code_condlora (swap_paper_code below)
     condlora[<backend>]     this package: apply_condlora(model, targets, backend=<backend>)
+    condlora[cuda]+recompute   the same with set_recompute_weight_cast(model): the float32 W0 kept until the
+                            backward instead of its bf16 rounding (docs/design.md §4); not in the first-step level
 
 (The frozen model used to make the embeddings' output a leaf requiring grad, in a forward hook: the same
 backward, but `requires_grad_()` on an intermediate breaks torch.compile's graph, which would make the
@@ -72,11 +74,23 @@ from condlora_kernels.bench.kernels import Point, error_message
 from condlora_kernels.bench.providers import backend_unavailable_reason
 from condlora_kernels.bench.shapes import MODEL_MODES, ModelCase, Settings
 from condlora_kernels.bench.timing import synchronize
-from condlora_kernels.integrations.model import apply_condlora, match_target, set_submodule
+from condlora_kernels.integrations.model import (apply_condlora, match_target, set_recompute_weight_cast,
+                                                 set_submodule)
 
 # the default backend on CUDA (the extension's op) before Triton, whose first eager point autotunes
 MODEL_PROVIDERS = ("frozen", "peft_lora", "paper_code_condlora", "condlora[cuda]", "condlora[triton]",
-                   "condlora[cpu]", "condlora[reference]")
+                   "condlora[cpu]", "condlora[reference]", "condlora[cuda]+recompute")
+RECOMPUTE_SUFFIX = "+recompute"
+
+
+def condlora_provider(provider: str) -> Optional[tuple]:
+    """(backend, recompute_weight_cast) of a "condlora[<backend>]" or "condlora[<backend>]+recompute" provider,
+    None for the other providers."""
+    recompute = provider.endswith(RECOMPUTE_SUFFIX)
+    name = provider[:-len(RECOMPUTE_SUFFIX)] if recompute else provider
+    if not (name.startswith("condlora[") and name.endswith("]")):
+        return None
+    return name[len("condlora["):-1], recompute
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -180,9 +194,9 @@ def make_batch(case: ModelCase, model: nn.Module, device: torch.device) -> dict:
 def provider_unavailable(provider: str, device: torch.device, precision: str) -> Optional[str]:
     if provider == "peft_lora" and importlib.util.find_spec("peft") is None:
         return "peft is not installed (pip install peft)"
-    if provider.startswith("condlora["):
+    if condlora_provider(provider) is not None:
         dtype = PRECISIONS[precision] or torch.float32
-        return backend_unavailable_reason(provider[len("condlora["):-1], device, dtype)
+        return backend_unavailable_reason(condlora_provider(provider)[0], device, dtype)
     return None
 
 
@@ -210,9 +224,11 @@ def attach(provider: str, model: nn.Module, case: ModelCase, dropout: float) -> 
         return peft.get_peft_model(model, config)
     if provider == "paper_code_condlora":
         return swap_paper_code(model, case.targets, case.r, case.alpha, dropout, modules_to_save=head)
-    if provider.startswith("condlora["):
-        return apply_condlora(model, list(case.targets), r=case.r, alpha=case.alpha, dropout=dropout,
-                              modules_to_save=head or None, backend=provider[len("condlora["):-1])
+    if condlora_provider(provider) is not None:
+        backend, recompute = condlora_provider(provider)
+        model = apply_condlora(model, list(case.targets), r=case.r, alpha=case.alpha, dropout=dropout,
+                               modules_to_save=head or None, backend=backend)
+        return set_recompute_weight_cast(model) if recompute else model
     raise ValueError(f"unknown model provider {provider!r}")
 
 

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "(the split does not depend on it)")
     train.add_argument("--backend", default="auto", choices=("auto",) + tuple(BACKEND_NAMES),
                        help="CondLoRA's backend (default auto: triton or cuda on a GPU, cpu on the CPU)")
+    train.add_argument("--recompute-weight-cast", action="store_true",
+                       help="CondLoRA keeps each frozen weight in float32 until the backward and rounds it to bf16 "
+                            "again there, instead of keeping its bf16 copy: less memory, one more pass over the "
+                            "weights (the same results)")
     parser.add_argument("--output", default="condlora-finetune", metavar="DIR",
                         help="folder for results.json and loss_curve.png (default: ./condlora-finetune)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -273,7 +277,8 @@ def run(args, argv) -> int:
         for method in methods:
             settings = TrainSettings(lr=args.lr or recommended_lr(method, steps), epochs=epochs,
                                      batch_size=args.batch_size, seed=args.seed, device=str(device),
-                                     backend=args.backend, progress=not args.no_progress)
+                                     backend=args.backend, recompute_weight_cast=args.recompute_weight_cast,
+                                     progress=not args.no_progress)
             results[method] = finetune(method, model_path, data, settings, processes)
     finally:
         parallel.stop(processes)

@@ -58,6 +58,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # CondLoRA's backend (see condlora_linear)
+    recompute_weight_cast: bool = False  # CondLoRA keeps the float32 W0, not its bf16 rounding, until the backward
     warmup_fraction: float = 0.06  # of the optimizer steps, as in the LoRA and RoBERTa GLUE recipes
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -128,8 +129,10 @@ def load_model(model_path: str, label_names: list, seed: int) -> torch.nn.Module
     return model.float()
 
 
-def add_adapter(model: torch.nn.Module, method: str, backend: str = "auto") -> torch.nn.Module:
-    """PEFT LoRA or CondLoRA on the query and value projections, r=8, alpha=8; the head trains in both."""
+def add_adapter(model: torch.nn.Module, method: str, backend: str = "auto",
+                recompute_weight_cast: bool = False) -> torch.nn.Module:
+    """PEFT LoRA or CondLoRA on the query and value projections, r=8, alpha=8; the head trains in both.
+    recompute_weight_cast: CondLoRA's memory setting (set_recompute_weight_cast)."""
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -139,9 +142,10 @@ def add_adapter(model: torch.nn.Module, method: str, backend: str = "auto") -> t
             warnings.simplefilter("ignore", FutureWarning)
             return get_peft_model(model, config)
     if method == "condlora":
-        from condlora_kernels import apply_condlora
+        from condlora_kernels import apply_condlora, set_recompute_weight_cast
 
-        return apply_condlora(model, TARGET_MODULES, r=RANK, alpha=ALPHA, modules_to_save=[HEAD], backend=backend)
+        model = apply_condlora(model, TARGET_MODULES, r=RANK, alpha=ALPHA, modules_to_save=[HEAD], backend=backend)
+        return set_recompute_weight_cast(model, recompute_weight_cast)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -234,7 +238,8 @@ def finetune(method: str, model_path: str, data: PreparedData, settings: TrainSe
     this process's place; every process calls this, with settings.device its own device (parallel.py)."""
     device = resolve_device(settings.device)
     backend = condlora_backend_name(settings.backend, device) if method == "condlora" else None
-    model = add_adapter(load_model(model_path, data.label_names, settings.seed), method, settings.backend)
+    model = add_adapter(load_model(model_path, data.label_names, settings.seed), method, settings.backend,
+                        settings.recompute_weight_cast)
     model.to(device)
     trainable, adapter = count_trainable(model)
     trained = parallel.wrap(model, processes, device)
