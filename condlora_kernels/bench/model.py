@@ -49,8 +49,10 @@ three modes; frozen, peft_lora, paper_code_condlora, condlora[triton], condlora[
 condlora[reference] in eager mode only: 32 points), measured on an H200 (benchmarks/NOTES.md, seventh session):
 eager mode with host time 97 s (Triton's first eager points autotune: ~30 s each), the compiled modes of frozen,
 PEFT and both backends 342 s, the paper's code compiled 144 s; the first-step level in fresh processes 219 s. The
-progress bar prints each point's wall time and the rows keep it (`point_s`). To stay within a time limit per
-command, run it in parts with `--merge` (tools/device_session7.sh does it in three).
+progress bar prints each point's wall time and the rows keep it (`point_s`). condlora[cuda]+recompute (eighth
+session) adds 6 points, not yet timed in a run of the suite: about 20 s each compiled (the compiled points of one
+provider above), a few seconds each in eager mode. To stay within a time limit per command, run it in parts with
+`--merge` (tools/device_session7.sh does it in three).
 """
 
 from __future__ import annotations
