@@ -119,7 +119,8 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
     dtype = x.dtype
     weight, bias, theta_a, theta_b = (_to(t, dtype) for t in (weight, bias, theta_a, theta_b))
-    master = stored if recompute_weight_cast and stored.dtype == torch.float32 and dtype != torch.float32 else None
+    half = dtype in (torch.float16, torch.bfloat16)
+    master = stored if recompute_weight_cast and half and stored.dtype == torch.float32 else None
     seed = draw_seed(x) if dropout_p > 0.0 else None
     args = (x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p), seed, mode, chosen.name, master)
     if not autocast_on(x.device.type):  # meta tensors, say: a device type autocast does not know
