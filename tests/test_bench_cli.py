@@ -262,6 +262,25 @@ def test_targets_of_a_gpu_result():
     assert "`condlora[cuda]` (roberta-base bf16 reduce-overhead): error: boom" in text
 
 
+def test_targets_of_the_recompute_rows():
+    """condlora[<auto>]+recompute gets its own scope for the model targets, and "best CondLoRA" (the backends
+    with their default settings) does not take it even where it is fastest."""
+    rows = _gpu_model_rows()
+    rows += [_model_row(model, mode, "condlora[cuda]+recompute", 9.0, 0.8)
+             for model in ("roberta-base", "llama-4096-2L") for mode in MODEL_MODES]
+    report.fill_model_ratios(rows)
+    results = _results(model=rows)
+    met = {target: (measured, m) for target, measured, m in report.targets(results)}
+    required = "faster than PEFT LoRA in every mode on both models, peak memory not higher (required)"
+    assert met[f"condlora[cuda]+recompute {required}"] == ("6 of 6 points met, 0 not measured", True)
+    measured, ok = met["llama-4096-2L compile: best CondLoRA faster than PEFT LoRA, peak memory not higher"]
+    assert measured.startswith("condlora[triton]:") and ok is False  # 13 ms: not the +recompute row's 9 ms
+    assert "roberta-base first step, cold caches: condlora[cuda]+recompute ≤ PEFT LoRA's + 10 s" not in met
+    assert "*+recompute*" in report.targets_markdown(results)
+    without = {target for target, _, _ in report.targets(_results(model=_gpu_model_rows()))}
+    assert f"condlora[cuda]+recompute {required}" not in without
+
+
 def test_old_results_still_read():
     """Schema 1 (eager model rows with examples/s over PEFT's) reads as eager rows with time ratios."""
     results = report.read_json(str(H100_RESULT))

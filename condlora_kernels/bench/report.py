@@ -328,23 +328,27 @@ def _all_met(values: list) -> Optional[bool]:
 
 
 def _ours(rows: dict, provider: Optional[str], key: str) -> Optional[dict]:
-    """The CondLoRA row of a point: `provider`'s, or the condlora[...] row with the smallest `key`."""
+    """The CondLoRA row of a point: `provider`'s, or the condlora[<backend>] row with the smallest `key` (the
+    backends with their default settings: not the +recompute rows)."""
     if provider is not None:
         return rows.get(provider)
-    ours = [r for p, r in rows.items() if p.startswith("condlora[") and r.get(key) is not None]
+    ours = [r for p, r in rows.items() if p.startswith("condlora[") and p.endswith("]") and r.get(key) is not None]
     return min(ours, key=lambda r: r[key]) if ours else None
 
 
 def targets(results: dict) -> list:
     """[(target, measured, met)] for each target of issue #11 that a result can show; met is None where the
     result has no such measurement (a CPU run has none of the GPU models). The model and first-step targets
-    are checked twice: for the best CondLoRA backend of each point (the fastest condlora[...]) and for the
-    backend that `backend="auto"` picks (the environment's auto_backend)."""
+    are checked for the best CondLoRA backend of each point (the fastest condlora[<backend>]), for the backend
+    that `backend="auto"` picks (the environment's auto_backend), and the model targets also for that backend with
+    recompute_weight_cast where the result has it (condlora[<auto>]+recompute)."""
     auto = results["environment"].get("auto_backend")
     scopes = [("best CondLoRA", None)] + ([(f"condlora[{auto}] (auto)", f"condlora[{auto}]")] if auto else [])
     model = [r for r in results.get("model", []) if r["precision"] == TARGET_PRECISION and r["status"] == "ok"]
+    recompute = f"condlora[{auto}]+recompute"
+    model_scopes = scopes + ([(recompute, recompute)] if any(r["provider"] == recompute for r in model) else [])
     out = []
-    for scope, provider in scopes:
+    for scope, provider in model_scopes:
         vs_peft, vs_frozen = [], []
         for name in TARGET_MODELS:
             for mode in MODEL_MODES:
@@ -418,8 +422,9 @@ def targets_markdown(results: dict) -> str:
     for target, measured, met in targets(results):
         out.append(f"| {target} | {measured} | {'–' if met is None else 'yes' if met else 'no'} |")
     out.append("")
-    out.append("bf16 on the GPU. *best CondLoRA*: the fastest condlora[...] provider of each point; *(auto)*: the "
-               "backend that `backend=\"auto\"` picks on this machine. –: not measured in this result.\n")
+    out.append("bf16 on the GPU. *best CondLoRA*: the fastest condlora[<backend>] provider of each point; *(auto)*: "
+               "the backend that `backend=\"auto\"` picks on this machine; *+recompute*: that backend with "
+               "`recompute_weight_cast`. –: not measured in this result.\n")
     return "\n".join(out)
 
 
