@@ -52,7 +52,7 @@ PEFT and both backends 342 s, the paper's code compiled 144 s; the first-step le
 progress bar prints each point's wall time and the rows keep it (`point_s`). condlora[cuda]+recompute (eighth
 session) adds 6 points, not yet timed in a run of the suite: about 20 s each compiled (the compiled points of one
 provider above), a few seconds each in eager mode. To stay within a time limit per command, run it in parts with
-`--merge` (tools/device_session7.sh does it in three).
+`--merge` (tools/device_suite.sh does it in three).
 """
 
 from __future__ import annotations

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The suite on one GPU in device calls of at most 10 minutes each, merged into one JSON: `bash tools/device_suite.sh
+# PART`. Call the parts back to back so that the machine stays warm (the install and Inductor's caches are kept).
+# Each suite part merges its points into benchmarks/results/<device>.json and copies it to $OUT; copy it back into
+# the tree before the next call (a call starts from the tree as it is here).
+#   1       install, the eager model level for every provider, host time (~100 s of it in the seventh session)
+#   2       the compiled modes for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute, condlora[triton]
+#           (342 s for all but +recompute in the seventh session; +recompute adds about 4 × 20 s)
+#   3       the paper's code compiled (144 s), the first step in fresh processes (219 s)
+#   tests FILE...   install, those GPU tests with 8 workers, the whole output and the 25 slowest kept in $OUT
+#           (the whole tests/ directory needs more than one call: 420 s with 12 workers reached 95%)
+set -o pipefail
+export PYTHONUNBUFFERED=1 CONDLORA_CUDA_ARCH=9.0 MAX_JOBS=16 HF_HUB_OFFLINE=1
+start=$SECONDS
+python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warn | tail -2
+echo "install: $((SECONDS - start)) s"
+bench() {  # bench TIME_LIMIT ARGS...
+  local limit=$1; shift
+  timeout "$limit" python -m condlora_kernels bench --merge --no-plot --output benchmarks/results "$@" 2>&1 \
+    | grep -v -i warn | grep -E "^\||Graphs|Not run|fastest|model |first step|Error" | cut -c1-220
+  cp "$(ls -t benchmarks/results/*.json | head -1)" "$OUT/"  # the JSON this run merged into
+  echo "elapsed: $((SECONDS - start)) s"
+}
+part=$1; shift
+case "$part" in
+  1) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step ;;
+  2) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
+       --providers frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]" ;;
+  3) bench 170 --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
+     bench $((570 - SECONDS + start)) --only first-step ;;
+  tests)
+    timeout $((570 - SECONDS + start)) python -m pytest -q -rfE -n 8 --durations=25 -p no:cacheprovider "$@" \
+      > "$OUT/pytest_gpu.txt" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
+    echo "tests: $((SECONDS - start)) s"
+    ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2|3|tests FILE..." >&2; exit 2 ;;
+esac
