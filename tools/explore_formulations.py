@@ -14,8 +14,13 @@ Formulations:
   cuda, triton  this package's backends through condlora_linear (cuda: the extension's op condlora_C::linear)
   fold          y = x (W0 + s B A)^T + b: one GEMM; dx = dy (W0 + s B A); dtheta from skinny GEMMs (u, v, dA, dB)
   fold_wgrad    as fold, dtheta from the weight gradient G = dy^T x (one GEMM), dA = s B^T G, dB = s G A^T
-  lowrank       y = x W0^T + b + s (x A^T) B^T with cuBLAS calls, hand-written backward (low-rank term first)
-(fold, fold_wgrad and lowrank are Python prototypes of formulations; benchmarks/NOTES.md has what they measured.)
+  lowrank       y = x W0^T + b + s (x A^T) B^T with cuBLAS calls, hand-written backward (low-rank term first: the
+                frozen GEMM adds onto it with beta = 1, in y and in dx, as the cuda backend does without dropout)
+  frozen_first  as lowrank, the frozen GEMM first (with the bias in its epilogue; dx = dy W0 with beta = 0), the
+                rank-r GEMM adding onto it with beta = 1 (at 8192 x 768^2 cuBLAS ran the frozen GEMM with beta = 1
+                in 17 us against 7-8 us with beta = 0: benchmarks/NOTES.md, eighth session)
+(fold, fold_wgrad, lowrank and frozen_first are Python prototypes of formulations; benchmarks/NOTES.md has what
+they measured.)
 """
 
 from __future__ import annotations
@@ -78,15 +83,19 @@ class Fold(torch.autograd.Function):
 
 class LowRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, theta_a, theta_b, s, paper):
+    def forward(ctx, x, weight, bias, theta_a, theta_b, s, paper, frozen_first=False):
         a, b = gen(weight, theta_a, theta_b, paper)
         ah, bh, wh = a.to(x.dtype), b.to(x.dtype), weight.to(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         u = x2 @ ah.t()
-        y = torch.addmm(bias.to(x.dtype), u, bh.t(), alpha=s)
-        y.addmm_(x2, wh.t())
+        if frozen_first:
+            y = torch.addmm(bias.to(x.dtype), x2, wh.t())
+            y.addmm_(u, bh.t(), alpha=s)
+        else:
+            y = torch.addmm(bias.to(x.dtype), u, bh.t(), alpha=s)
+            y.addmm_(x2, wh.t())
         ctx.save_for_backward(x, weight, wh, ah, bh, u)
-        ctx.s, ctx.paper = s, paper
+        ctx.s, ctx.paper, ctx.frozen_first = s, paper, frozen_first
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -95,12 +104,16 @@ class LowRank(torch.autograd.Function):
         s = ctx.s
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         v = dy2 @ bh
-        dx = torch.addmm(torch.empty_like(x2), v, ah, beta=0, alpha=s)
-        dx.addmm_(dy2, wh)
+        if ctx.frozen_first:
+            dx = dy2 @ wh
+            dx.addmm_(v, ah, alpha=s)
+        else:
+            dx = torch.addmm(torch.empty_like(x2), v, ah, beta=0, alpha=s)
+            dx.addmm_(dy2, wh)
         ga = torch.mm(v.t(), x2).to(weight.dtype) * s
         gb = torch.mm(dy2.t(), u).to(weight.dtype) * s
         dta, dtb = dtheta(ga, gb, weight, ctx.paper)
-        return dx.view(x.shape), None, None, dta, dtb, None, None
+        return dx.view(x.shape), None, None, dta, dtb, None, None, None
 
 
 def make(name, n, d_in, d_out, r, device):
@@ -135,8 +148,8 @@ def make(name, n, d_in, d_out, r, device):
     elif name in ("fold", "fold_wgrad"):
         f = lambda: Fold.apply(x, w, b, ta, tb, s, paper, name == "fold_wgrad")  # noqa: E731
         wrt = [x, ta, tb]
-    elif name == "lowrank":
-        f, wrt = (lambda: LowRank.apply(x, w, b, ta, tb, s, paper)), [x, ta, tb]
+    elif name in ("lowrank", "frozen_first"):
+        f, wrt = (lambda: LowRank.apply(x, w, b, ta, tb, s, paper, name == "frozen_first")), [x, ta, tb]
     else:
         raise ValueError(name)
 
