@@ -3,7 +3,7 @@ PEFT LoRA and the package as it is, in one process (condlora_kernels/bench/model
 
 benchmarks/NOTES.md (seventh session) has why: in RoBERTa-base's compiled modes the peak memory is 1.4-3.6 MiB
 above PEFT's, because the peaks fall at different moments of the last layer's forward, not because the op saves more
-per layer. The candidates, each a Python autograd Function over the extension's inner ops (no dropout):
+per layer. The candidates (no dropout; decomposed is a Python autograd Function over the extension's inner ops):
 
     op          the package as it is (condlora_C::linear: prepare, forward_ab, backward_ab; the bf16 W0 saved)
     decomposed  prepare, then the forward as plain torch ops, y = x W0^T + b + s (x A^T) B^T: Inductor sees the
@@ -11,7 +11,9 @@ per layer. The candidates, each a Python autograd Function over the extension's 
                 PEFT. The backward is still backward_ab
     recast      the op's forward and backward, but the backward casts W0 again from its float32 master instead of
                 the forward saving the bf16 copy: 2 bytes per weight element less memory from forward to
-                backward, one more pass over W0 per layer in the backward
+                backward, one more pass over W0 per layer in the backward. Measured in the eighth session through
+                this file's Function; it is now the package's setting, and the candidate runs it
+                (set_recompute_weight_cast)
 
 Each candidate runs on the CUDA backend's ops. A training step, a median step time and the peak memory per point,
 as the bench measures them (the previous point collected first). `--check` (any device) compares each candidate's
@@ -33,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from condlora_kernels import timing
+from condlora_kernels import set_recompute_weight_cast, timing
 from condlora_kernels.bench import model as bench_model
 from condlora_kernels.bench.shapes import LLAMA_2L, ROBERTA_BASE, ROBERTA_TINY
 from condlora_kernels.modules.linear import FusedCondLoRALinear
@@ -57,7 +59,7 @@ class CandidateFunction(torch.autograd.Function):
             y = F.linear(x2d, w, bias_c) + scaling * (u @ lora_b.t())
         else:
             y, u = torch.ops.condlora_C.forward_ab.default(x2d, w, bias_c, lora_a, lora_b, scaling, 0.0, None)
-        ctx.save_for_backward(x2d, weight if variant == "recast" else w, u, lora_a, lora_b)
+        ctx.save_for_backward(x2d, w, u, lora_a, lora_b)
         ctx.scaling, ctx.mode, ctx.dtype, ctx.x_shape = scaling, mode, dtype, x.shape
         ctx.theta_dtypes = (theta_a.dtype, theta_b.dtype)
         ctx.has_bias = bias is not None
@@ -66,7 +68,6 @@ class CandidateFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2d, w, u, lora_a, lora_b = ctx.saved_tensors
-        w = w.to(ctx.dtype)  # recast: the float32 master rounded again; otherwise already in the compute dtype
         need_x, _, need_b, need_ta, need_tb = ctx.needs_input_grad[:5]
         theta_grad_dtype = torch.float32 if ctx.dtype in (torch.float16, torch.bfloat16) else ctx.dtype
         gx, gta, gtb, gb = torch.ops.condlora_C.backward_ab.default(
@@ -97,6 +98,8 @@ def attach(provider: str, base, case):
     device = next(base.parameters()).device
     backend = "cuda" if device.type == "cuda" else "cpu"
     model = bench_model.attach(f"condlora[{backend}]", copy.deepcopy(base), case, 0.0)
+    if provider == "recast":
+        return set_recompute_weight_cast(model)
     if provider != "op":
         for module in model.modules():
             if isinstance(module, FusedCondLoRALinear):
