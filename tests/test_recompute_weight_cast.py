@@ -101,6 +101,24 @@ def test_compiled_matches_eager(device):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_under_activation_checkpointing(device, backend, use_reentrant):
+    """torch.utils.checkpoint recomputes the forward in the backward: the master is saved again, the results do
+    not change."""
+    outputs = []
+    for recompute in (False, True):
+        layer = make_layer(device, backend, recompute)
+        torch.manual_seed(5)
+        x = torch.randn(37, D_IN, device=device, requires_grad=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=use_reentrant)
+        y.backward(torch.randn(y.shape, device=device, dtype=y.dtype))
+        outputs.append((y.detach(), x.grad, layer.generator.theta_a.grad, layer.generator.theta_b.grad))
+    for name, a, b in zip(("y", "dx", "dtheta_a", "dtheta_b"), *outputs):
+        assert torch.equal(a, b), name
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", [b for d, b in CASES if d == "cuda"])
 def test_less_memory_between_forward_and_backward(backend):
