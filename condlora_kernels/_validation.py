@@ -36,6 +36,12 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_recompute_weight_cast(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"recompute_weight_cast must be a bool, got {value!r} of type {type(value).__name__}")
+    return value
+
+
 def check_dropout_p(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")

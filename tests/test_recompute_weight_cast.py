@@ -50,23 +50,23 @@ def test_same_results_bit_for_bit(device, backend, mode, d_in, d_out, dropout):
             assert a.dtype == b.dtype and torch.equal(a, b), f"{name} ({half}) differs with recompute_weight_cast"
 
 
-def saved_tensors(layer, device, dtype=torch.bfloat16):
-    """Every tensor the layer's forward saves for its backward (saved_tensors_hooks see the C++ op's too)."""
+def saved_tensors(layer, x, autocast=True):
+    """(y, every tensor the layer's forward saves for its backward): saved_tensors_hooks see the C++ op's too."""
     saved = []
-    x = torch.randn(9, layer.in_features, device=device, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with torch.autocast(device, dtype=dtype):
-            layer(x)
-    return saved
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+    return y, saved
 
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_the_master_is_saved_instead_of_its_rounding(device, backend):
     weight_like = lambda saved: [t for t in saved if tuple(t.shape) == (D_OUT, D_IN)]  # noqa: E731
-    default = weight_like(saved_tensors(make_layer(device, backend, False), device))
+    x = torch.randn(9, D_IN, device=device, requires_grad=True)
+    default = weight_like(saved_tensors(make_layer(device, backend, False), x)[1])
     assert [t.dtype for t in default] == [torch.bfloat16]
     layer = make_layer(device, backend, True)
-    kept = weight_like(saved_tensors(layer, device))
+    kept = weight_like(saved_tensors(layer, x)[1])
     assert [t.dtype for t in kept] == [torch.float32]
     assert kept[0].data_ptr() == layer.weight.data_ptr()  # the parameter itself: no memory of its own
 
@@ -75,9 +75,7 @@ def test_the_master_is_saved_instead_of_its_rounding(device, backend):
 def test_no_effect_when_the_weight_is_in_the_compute_dtype(device, backend):
     layer = make_layer(device, backend, True, dtype=torch.bfloat16)
     x = torch.randn(9, D_IN, device=device, dtype=torch.bfloat16, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = layer(x)
+    y, saved = saved_tensors(layer, x, autocast=False)
     kept = [t for t in saved if tuple(t.shape) == (D_OUT, D_IN)]
     assert len(kept) == 1 and kept[0].data_ptr() == layer.weight.data_ptr()
     y.sum().backward()
@@ -156,6 +154,6 @@ def test_model_setting_and_argument_checks():
     with pytest.raises(TypeError, match="recompute_weight_cast must be a bool"):
         FusedCondLoRALinear(8, 8, recompute_weight_cast="yes")
     layer = condlora_layers(model)["0"]
-    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool, got int"):
+    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool, got 1 of type int"):
         condlora_linear(torch.randn(2, 8), layer.weight, layer.bias, layer.generator.theta_a,
                         layer.generator.theta_b, 1.0, recompute_weight_cast=1)

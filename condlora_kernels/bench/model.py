@@ -196,9 +196,9 @@ def make_batch(case: ModelCase, model: nn.Module, device: torch.device) -> dict:
 def provider_unavailable(provider: str, device: torch.device, precision: str) -> Optional[str]:
     if provider == "peft_lora" and importlib.util.find_spec("peft") is None:
         return "peft is not installed (pip install peft)"
-    if condlora_provider(provider) is not None:
-        dtype = PRECISIONS[precision] or torch.float32
-        return backend_unavailable_reason(condlora_provider(provider)[0], device, dtype)
+    ours = condlora_provider(provider)
+    if ours is not None:
+        return backend_unavailable_reason(ours[0], device, PRECISIONS[precision] or torch.float32)
     return None
 
 
@@ -226,8 +226,9 @@ def attach(provider: str, model: nn.Module, case: ModelCase, dropout: float) -> 
         return peft.get_peft_model(model, config)
     if provider == "paper_code_condlora":
         return swap_paper_code(model, case.targets, case.r, case.alpha, dropout, modules_to_save=head)
-    if condlora_provider(provider) is not None:
-        backend, recompute = condlora_provider(provider)
+    ours = condlora_provider(provider)
+    if ours is not None:
+        backend, recompute = ours
         model = apply_condlora(model, list(case.targets), r=case.r, alpha=case.alpha, dropout=dropout,
                                modules_to_save=head or None, backend=backend)
         return set_recompute_weight_cast(model) if recompute else model

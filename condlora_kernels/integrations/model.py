@@ -22,10 +22,9 @@ from typing import Iterable, NamedTuple, Optional, Union
 
 from torch import nn
 
-from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
+from condlora_kernels._validation import check_dropout_p, check_mode, check_rank, check_recompute_weight_cast
 from condlora_kernels.modules.generator import CondLoRAGenerator
-from condlora_kernels.modules.linear import (FusedCondLoRALinear, adapter_dtype, check_alpha,
-                                            check_recompute_weight_cast, resolve_mode)
+from condlora_kernels.modules.linear import FusedCondLoRALinear, adapter_dtype, check_alpha, resolve_mode
 from condlora_kernels.ops.backends import check_backend_name
 
 GENERATORS_ATTR = "condlora_generators"  # the nn.ModuleDict at the model root; state_dict keys start with it

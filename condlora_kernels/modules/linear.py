@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora_kernels import reference
-from condlora_kernels._validation import check_dropout_p, check_mode, check_rank
+from condlora_kernels._validation import check_dropout_p, check_mode, check_rank, check_recompute_weight_cast
 from condlora_kernels.integrations import distributed  # imported with the package: it records DDP instances
 from condlora_kernels.integrations.distributed import PLAIN_TENSOR_TYPES
 from condlora_kernels.modules.generator import HALF_DTYPES, CondLoRAGenerator
@@ -40,12 +40,6 @@ def check_alpha(alpha) -> float:
     if not (math.isfinite(float(alpha)) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite real number (scaling = alpha / r), got {alpha!r}")
     return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
-
-
-def check_recompute_weight_cast(value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"recompute_weight_cast must be a bool, got {value!r} of type {type(value).__name__}")
-    return value
 
 
 class FusedCondLoRALinear(nn.Module):

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from condlora_kernels._validation import check_condlora_args
+from condlora_kernels._validation import check_condlora_args, check_recompute_weight_cast
 from condlora_kernels.ops.backends import BACKENDS, autocast_on, native_linear_op, resolve_backend
 
 SEED_HIGH = 1 << 62  # seeds are drawn uniformly from [0, 2^62)
@@ -108,8 +108,7 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(recompute_weight_cast, bool):
-        raise TypeError(f"recompute_weight_cast must be a bool, got {type(recompute_weight_cast).__name__}")
+    check_recompute_weight_cast(recompute_weight_cast)  # a layer's attribute may have been set to anything
     chosen = resolve_backend(backend, x)
     if chosen.native:
         # the extension's op: checks, autocast, dropout seed and autograd in C++ (docs/design.md §4)
