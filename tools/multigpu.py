@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
@@ -89,8 +90,9 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    @functools.cached_property
     def mesh(self):
-        """FSDP2's mesh on this run's device. fully_shard's default mesh is the accelerator's: with --device cpu on a
+        """FSDP2's mesh on this run's device, made once. fully_shard's default mesh is the accelerator's: with --device cpu on a
         host with a GPU it would move the model to CUDA, and under torchrun with more ranks than GPUs each rank would
         select cuda:LOCAL_RANK, which does not exist (an "invalid device ordinal" on a one-GPU host)."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -167,7 +169,7 @@ def wrap(model, strategy: str, world: World, family: str):
     if strategy == "ddp-checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy == "fsdp2":
-        return shard_condlora_model(model, block_classes=BLOCK_CLASSES[family], mesh=world.mesh())
+        return shard_condlora_model(model, block_classes=BLOCK_CLASSES[family], mesh=world.mesh)
     if strategy in ("ddp", "ddp-checkpoint"):
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
@@ -275,7 +277,7 @@ def throughput_point(provider: str, family: str, args, world: World) -> dict:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        wrapped = shard_condlora_model(model, block_classes=BLOCK_CLASSES[family], mesh=world.mesh(),
+        wrapped = shard_condlora_model(model, block_classes=BLOCK_CLASSES[family], mesh=world.mesh,
                                        **({"mp_policy": policy} if policy else {}))
         autocast = False
     elif world.size > 1:
@@ -372,6 +374,7 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump({**record, "ok": verdict}, f, indent=2)
         print(f"wrote {args.out}")
+    dist.barrier()  # no rank tears the group down while a peer still uses it (gloo aborted one at exit, rarely)
     dist.destroy_process_group()
     return 0 if verdict else 1
 
