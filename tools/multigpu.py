@@ -92,9 +92,10 @@ class World:
 
     @functools.cached_property
     def mesh(self):
-        """FSDP2's mesh on this run's device, made once. fully_shard's default mesh is the accelerator's: with --device cpu on a
-        host with a GPU it would move the model to CUDA, and under torchrun with more ranks than GPUs each rank would
-        select cuda:LOCAL_RANK, which does not exist (an "invalid device ordinal" on a one-GPU host)."""
+        """FSDP2's mesh on this run's device, made once. fully_shard's default mesh is the accelerator's: with
+        --device cpu on a host with a GPU it would move the model to CUDA, and under torchrun with more ranks than
+        GPUs each rank would select cuda:LOCAL_RANK, which does not exist (an "invalid device ordinal" on a one-GPU
+        host)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(self.device.type, (self.size,))
