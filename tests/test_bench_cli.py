@@ -171,6 +171,13 @@ def test_settings_and_levels_from_options():
     assert Settings.for_device("cpu").model_modes == ("eager",)
 
 
+def test_models_option_keeps_the_named_cases():
+    cuda_settings = _settings(parse_args(["--models", "llama-4096-2L"]), torch.device("cuda"))
+    assert [case.name for case, _ in cuda_settings.model_cases] == ["llama-4096-2L"]
+    with pytest.raises(SystemExit, match="matches none of .*roberta-tiny"):
+        _settings(parse_args(["--models", "roberta-base"]), torch.device("cpu"))  # CPU runs the tiny cases
+
+
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_first_step_in_fresh_processes():
     """Cold then warm process per provider with the cache directories set; unavailable providers start none."""

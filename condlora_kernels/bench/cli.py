@@ -78,6 +78,8 @@ def parse_args(argv):
                         help="also time the launch-bound shapes under CUDA graphs (default: on, on GPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads for a CPU run (default: 1 with --quick, "
                                                     "else torch's default)")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="model cases to keep, among the settings' (e.g. roberta-base llama-4096-2L)")
     parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout at model level (default 0)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     parser.add_argument("--merge", action="store_true",
@@ -137,6 +139,11 @@ def _settings(args, device: torch.device) -> Settings:
         settings.shapes = tuple(s for s in known if (s.n, s.d_in, s.d_out, s.r) in wanted)
         if not settings.shapes:
             raise SystemExit(f"--shapes {args.shapes} matches none of {[s.key for s in known]}")
+    if args.models:
+        known_cases = settings.model_cases
+        settings.model_cases = tuple((case, p) for case, p in known_cases if case.name in args.models)
+        if not settings.model_cases:
+            raise SystemExit(f"--models {args.models} matches none of {[case.name for case, _ in known_cases]}")
     return settings
 
 
