@@ -4,8 +4,9 @@
 # Each suite part merges its points into benchmarks/results/<device>.json and copies it to $OUT; copy it back into
 # the tree before the next call (a call starts from the tree as it is here).
 #   1       install, the eager model level for every provider, host time (~100 s of it in the seventh session)
-#   2       the compiled modes for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute, condlora[triton]
-#           (342 s for all but +recompute in the seventh session; +recompute adds about 4 × 20 s)
+#   2a, 2b  the compiled modes for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute, condlora[triton]:
+#           2a RoBERTa-base, 2b the Llama stack (ninth session, cold machine: RoBERTa's 10 points took ~480 s,
+#           40-70 s each; the Llama stack's 10 points ~150 s, after 2a ~7-48 s each)
 #   3       the paper's code compiled (144 s), the first step in fresh processes (219 s)
 #   tests FILE...   install, those GPU tests with 8 workers, the whole output and the 25 slowest kept in $OUT
 #           (the whole tests/ directory needs more than one call: 420 s with 12 workers reached 95%)
@@ -24,7 +25,8 @@ bench() {  # bench TIME_LIMIT ARGS...
 part=$1; shift
 case "$part" in
   1) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step ;;
-  2) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
+  2a|2b) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
+       --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" \
        --providers frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]" ;;
   3) bench 170 --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
      bench $((570 - SECONDS + start)) --only first-step ;;
@@ -34,5 +36,5 @@ case "$part" in
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
     echo "tests: $((SECONDS - start)) s"
     ;;
-  *) echo "usage: bash tools/device_suite.sh 1|2|3|tests FILE..." >&2; exit 2 ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|tests FILE..." >&2; exit 2 ;;
 esac

@@ -9,6 +9,8 @@ per layer. The candidates (no dropout; decomposed is a Python autograd Function 
     decomposed  prepare, then the forward as plain torch ops, y = x W0^T + b + s (x A^T) B^T: Inductor sees the
                 low-rank sum and can fuse it into its consumers (the attention's transposes), as it does for
                 PEFT. The backward is still backward_ab
+    function    the op's forward and backward (prepare, forward_ab, backward_ab), but through a Python autograd
+                Function instead of the C++ one: the same compiled graph, unless the route matters (ninth session)
     recast      the op's forward and backward, but the backward casts W0 again from its float32 master instead of
                 the forward saving the bf16 copy: 2 bytes per weight element less memory from forward to
                 backward, one more pass over W0 per layer in the backward. Measured in the eighth session through
@@ -20,7 +22,12 @@ as the bench measures them (the previous point collected first). `--check` (any 
 loss and gradients with the op's on the tiny RoBERTa first.
 
     python tools/explore_compiled_paths.py [--models roberta-base llama-4096-2L] [--modes compile reduce-overhead]
-                                           [--candidates op decomposed recast] [--json OUT] [--check]
+                                           [--candidates op function decomposed recast] [--rounds N]
+                                           [--json OUT] [--check] [--host-ops]
+
+`--rounds N` measures every point N times, the providers in turn each round (drift in the host's speed shows as
+a spread between rounds). `--host-ops` first times the host cost of one call of each inner op (CUDA, 64 tokens x
+768^2, r=8, where the GPU keeps up) against the ATen calls of the same GEMMs made from Python.
 """
 
 from __future__ import annotations
@@ -139,6 +146,40 @@ def measure(provider, base, case, mode, precision, device, steps) -> dict:
     return row
 
 
+def host_ops(device: torch.device, n_tokens: int = 64, d: int = 768, r: int = 8, calls: int = 300) -> None:
+    """Host time of one call of each inner op, and of the ATen GEMMs it makes, called from Python: median over
+    rounds of `calls` calls without synchronising (the GPU keeps up at this size)."""
+    bf16 = torch.bfloat16
+    w = torch.randn(d, d, device=device)
+    theta_a, theta_b = torch.randn(r, d, device=device), torch.randn(r, d, device=device)
+    x, bias, dy = (torch.randn(n_tokens, d, device=device, dtype=bf16), torch.randn(d, device=device, dtype=bf16),
+                   torch.randn(n_tokens, d, device=device, dtype=bf16))
+    ops = torch.ops.condlora_C
+    wc, a, b = ops.prepare.default(w, theta_a, theta_b, bf16, "paper")
+    y, u = ops.forward_ab.default(x, wc, bias, a, b, 1.0, 0.0, None)
+    stacked = torch.randn(2 * r, d, device=device, dtype=bf16)
+    cases = {
+        "prepare": lambda: ops.prepare.default(w, theta_a, theta_b, bf16, "paper"),
+        "forward_ab": lambda: ops.forward_ab.default(x, wc, bias, a, b, 1.0, 0.0, None),
+        "backward_ab": lambda: ops.backward_ab.default(dy, x, wc, u, a, b, 1.0, 0.0, None, "paper", torch.float32,
+                                                       [True, True, True, False]),
+        "3 GEMMs from Python (forward_ab's)": lambda: torch.addmm(bias, torch.mm(x, a.t()), b.t()).addmm_(x, wc.t()),
+        "1 torch.mm": lambda: torch.mm(x, wc.t()),
+        "1 torch.mm, float32 out": lambda: torch.mm(stacked, wc, out_dtype=torch.float32),
+    }
+    for name, call in cases.items():
+        times = []
+        for _ in range(7):
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in range(calls):
+                call()
+            times.append((time.perf_counter() - started) / calls * 1e6)
+        torch.cuda.synchronize(device)
+        times.sort()
+        print(f"host per call  {name:36} {times[len(times) // 2]:7.1f} us (min {times[0]:.1f})", flush=True)
+
+
 def check(device: torch.device, candidates) -> None:
     """Loss and generator gradients of each candidate against the op's, tiny RoBERTa, eager and compiled."""
     case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
@@ -168,22 +209,28 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["compile", "reduce-overhead"],
                         choices=["eager", "compile", "reduce-overhead"])
     parser.add_argument("--candidates", nargs="+", default=["op", "decomposed", "recast"],
-                        choices=["op", "decomposed", "recast"])
+                        choices=["op", "function", "decomposed", "recast"])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--host-ops", action="store_true")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--check", action="store_true", help="check the candidates against the op first")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.check:
         check(device, args.candidates)
+    if args.host_ops:
+        host_ops(device)
     rows = []
     for name in args.models:
         case = CASES[name]
         precision = "bf16" if device.type == "cuda" else "fp32"
         base = bench_model.build_model(case, device)
         for mode in args.modes:
-            for provider in ["peft_lora", *args.candidates]:
-                rows.append(measure(provider, base, case, mode, precision, device, args.steps))
+            for round_ in range(args.rounds):
+                for provider in ["peft_lora", *args.candidates]:
+                    rows.append(dict(measure(provider, base, case, mode, precision, device, args.steps),
+                                     round=round_))
         del base
     if args.json:
         env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

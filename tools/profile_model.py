@@ -1,12 +1,13 @@
 """Exploration (issue #11): where a model-level training step's time goes, per provider, as `condlora bench --only
 model` runs it (condlora_kernels/bench/model.py builds the model, the adapters and the step).
 
-Per provider, eager: wall time per step, GPU kernel time per step, host-side synchronisations per step, and the
-operators with the most host (self CPU) time; compiled (`--mode compile` or `reduce-overhead`): the graph breaks
-with their reasons.
+Per provider, in the mode given: wall time per step without and with the profiler, GPU kernel time per step,
+host-side synchronisations per step, the operators with the most host (self CPU) time and those with the most GPU
+time; in a compiled mode (`--mode compile` or `reduce-overhead`) with `--breaks`, first the graph breaks with
+their reasons. A step whose wall time exceeds its GPU kernel time is bound by the host.
 
     python tools/profile_model.py [--model roberta-base] [--providers frozen peft_lora "condlora[cuda]"]
-                                  [--mode eager] [--steps 5] [--top 15]
+                                  [--mode eager] [--steps 5] [--top 15] [--breaks]
 """
 
 from __future__ import annotations
@@ -22,8 +23,18 @@ from condlora_kernels.bench.shapes import ROBERTA_BASE, LLAMA_2L
 CASES = {case.name: case for case in (ROBERTA_BASE, LLAMA_2L)}
 
 
+def wall_ms(step, steps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
 
-def profile_eager(step, steps: int, top: int):
+
+def profile_step(step, steps: int, top: int):
+    print(f"  wall {wall_ms(step, steps):.2f} ms/step (not profiled)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -41,8 +52,9 @@ def profile_eager(step, steps: int, top: int):
     kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / steps
     print(f"  wall {wall:.2f} ms/step (profiled), GPU kernels {gpu_us / 1e3:.2f} ms/step in {kernels:.0f} kernels; "
           f"synchronising calls per step: {({k: v / steps for k, v in syncs.items()} or 'none')}")
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
-    print("\n".join("    " + line for line in table.splitlines()))
+    for sort_by in ("self_cpu_time_total", "self_device_time_total"):
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=60)
+        print("\n".join("    " + line for line in table.splitlines()))
 
 
 def explain_breaks(model, batch, mode: str):
@@ -67,6 +79,7 @@ def main():
     parser.add_argument("--mode", default="eager", choices=("eager", "compile", "reduce-overhead"))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--breaks", action="store_true", help="compiled modes: list the graph breaks first")
     args = parser.parse_args()
     device = torch.device("cuda")
     case = CASES[args.model]
@@ -74,14 +87,14 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {case.name}, {args.mode}")
     for provider in args.providers:
         print(f"{provider}:")
-        if args.mode != "eager":
+        if args.mode != "eager" and args.breaks:
             model = bench_model.attach(provider, bench_model.copy.deepcopy(base), case, 0.0)
             explain_breaks(model, bench_model.make_batch(case, model, device), args.mode)
-            continue
-        step, _ = bench_model.prepare_point(base, case, "bf16", "eager", provider, device)
+            del model
+        step, _ = bench_model.prepare_point(base, case, "bf16", args.mode, provider, device)
         for _ in range(3):
             step()
-        profile_eager(step, args.steps, args.top)
+        profile_step(step, args.steps, args.top)
 
 
 if __name__ == "__main__":
