@@ -86,9 +86,10 @@ def test_compiled_mode_runs(device, backend, monkeypatch):
         suite.measure(*point)
     for row in suite.rows:
         figures = {k: row[k] for k in ("provider", "median_ms", "first_step_s", "ratio_to_frozen", "graphs_compiled",
-                                       "trainable_params", "peak_mem_bytes", "step_peak_mem_bytes")}
+                                       "trainable_params", "peak_mem_bytes", "step_peak_mem_bytes", "host_mm_us")}
         assert row["status"] == "ok", row["reason"]
         assert row["median_ms"] > 0 and row["first_step_s"] > 0 and row["ratio_to_frozen"] > 0, figures
+        assert row["host_mm_us"] > 0, figures
         assert row["graphs_compiled"] >= 1, figures  # Dynamo compiled the model (a broken capture would raise)
         assert row["trainable_params"] > 0, figures  # the frozen floor trains its embedding LayerNorm and head
         if device == "cuda":

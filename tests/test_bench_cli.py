@@ -21,7 +21,7 @@ KERNEL_FIELDS = {"provider", "shape", "mode", "dtype", "median_ms", "ratio_to_fr
                  "peak_mem_bytes", "status", "device", "torch", "triton"}
 MODEL_FIELDS = {"provider", "model", "mode", "precision", "median_ms", "examples_per_s", "ratio_to_frozen",
                 "ratio_to_peft", "peak_mem_bytes", "step_peak_mem_bytes", "first_step_s", "point_s", "status", "device",
-                "torch"}
+                "torch", "host_mm_us"}
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 H100_RESULT = Path(__file__).parent.parent / "benchmarks" / "results" / "nvidia-h100-80gb-hbm3.json"
@@ -66,6 +66,7 @@ def test_quick_cpu_run_writes_json_and_png(quick_run):
         for row in ok_model:
             assert MODEL_FIELDS <= set(row)
             assert row["examples_per_s"] > 0 and row["first_step_s"] > 0 and row["ratio_to_peft"] > 0
+            assert row["host_mm_us"] > 0  # the host's speed where the row was measured
         assert all(r["ratio_to_frozen"] == 1.0 for r in ok_model if r["provider"] == "frozen")
         assert all(r["ratio_to_peft"] == 1.0 for r in ok_model if r["provider"] == "peft_lora")
     if HAS_MATPLOTLIB:

@@ -61,6 +61,17 @@ def batch_us_per_call(step: Callable[[], object], calls: int, device: torch.devi
     return (time.perf_counter() - started) / calls * 1e6
 
 
+def reference_call_us(device: torch.device, calls: int = 200, repeats: int = 7) -> float:
+    """The host's speed where a row was measured: host time per call of a 64 x 64 `torch.mm` on the device,
+    median over `repeats` batches of `calls` (the GPU keeps up at this size). Steps bound by the host (a compiled
+    RoBERTa-base step on an H200) follow it: two H200 machines that differed in it gave one point 33.0 and 23.5 ms
+    (benchmarks/NOTES.md, ninth session)."""
+    a = torch.randn(64, 64, device=device)
+    b = torch.randn(64, 64, device=device)
+    batch_us_per_call(lambda: torch.mm(a, b), calls, device)  # warm-up: the first call may initialise the BLAS
+    return statistics.median(batch_us_per_call(lambda: torch.mm(a, b), calls, device) for _ in range(repeats))
+
+
 @dataclass
 class HostSuite:
     """Measures the host time per call of both layers on a device and keeps the rows."""

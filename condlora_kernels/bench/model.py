@@ -33,6 +33,8 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
                       caches (first_step.py times it in fresh processes with cold and warm caches)
     (warm-up)         settings.model_warmup_steps - 1 more untimed steps (one at least), then the whole
                       point's peak memory is read and the peak reset
+    host_mm_us        the host's speed just before the timed steps: host time of one tiny torch.mm on the
+                      device (bench/host.py, reference_call_us). A step bound by the host moves with it
     median_ms         the median of settings.model_steps timed steps: CUDA events on GPU, perf_counter on CPU
     peak_mem_bytes    the peak of CUDA memory over the whole point (first step, compilation included), above
                       what was allocated before it. The previous point's model is collected first: a compiled
@@ -71,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora_kernels import reference, timing
-from condlora_kernels.bench import report
+from condlora_kernels.bench import host, report
 from condlora_kernels.bench.kernels import Point, error_message
 from condlora_kernels.bench.providers import backend_unavailable_reason
 from condlora_kernels.bench.shapes import MODEL_MODES, ModelCase, Settings
@@ -328,7 +330,7 @@ class ModelSuite:
                "batch": case.batch, "seq": case.seq, "tokens": case.tokens, "mode": mode,
                "precision": precision, "dtype": precision, "dropout": self.dropout, "median_ms": None,
                "examples_per_s": None, "tokens_per_s": None, "peak_mem_bytes": None, "step_peak_mem_bytes": None,
-               "trainable_params": None,
+               "trainable_params": None, "host_mm_us": None,
                "ratio_to_peft": None, "ratio_to_frozen": None, "first_step_s": None, "point_s": None,
                "graphs_compiled": None, "graph_breaks": None,
                "status": "ok", "reason": "", **self._env,
@@ -361,6 +363,7 @@ class ModelSuite:
             if cuda:
                 whole_point_peak = torch.cuda.max_memory_allocated(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
+            row["host_mm_us"] = host.reference_call_us(self.device)
             ms = self._median_step_ms(step)
             if cuda:
                 step_peak = torch.cuda.max_memory_allocated(self.device)
