@@ -34,7 +34,7 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
     (warm-up)         settings.model_warmup_steps - 1 more untimed steps (one at least), then the whole
                       point's peak memory is read and the peak reset
     host_mm_us        the host's speed just before the timed steps: host time of one tiny torch.mm on the
-                      device (bench/host.py, reference_call_us). A step bound by the host moves with it
+                      device (bench/host.py, reference_call_us), for steps bound by the host
     median_ms         the median of settings.model_steps timed steps: CUDA events on GPU, perf_counter on CPU
     peak_mem_bytes    the peak of CUDA memory over the whole point (first step, compilation included), above
                       what was allocated before it. The previous point's model is collected first: a compiled
