@@ -24,6 +24,7 @@ CASES = {case.name: case for case in (ROBERTA_BASE, LLAMA_2L)}
 
 
 def wall_ms(step, steps: int) -> float:
+    """Wall time per step over `steps` steps queued back to back (CUDA events around them all)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
@@ -37,13 +38,7 @@ def profile_step(step, steps: int, top: int):
     print(f"  wall {wall_ms(step, steps):.2f} ms/step (not profiled)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-    wall = start.elapsed_time(end) / steps
+        wall = wall_ms(step, steps)
     gpu_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / steps
     syncs = Counter(e.name for e in prof.events()
                     if e.device_type == torch.autograd.DeviceType.CPU and
