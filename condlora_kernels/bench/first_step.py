@@ -30,9 +30,9 @@ import torch
 
 from condlora_kernels.bench import report
 from condlora_kernels.bench.kernels import error_message
-from condlora_kernels.bench.model import (MODEL_PROVIDERS, RECOMPUTE_SUFFIX, build_model, prepare_point,
-                                          provider_unavailable, timed_first_step)
-from condlora_kernels.bench.shapes import MODEL_CASES, ModelCase, Settings
+from condlora_kernels.bench.model import (MODEL_PROVIDERS, build_model, prepare_point, provider_unavailable,
+                                          timed_first_step)
+from condlora_kernels.bench.shapes import MODEL_CASES, RECOMPUTE_SUFFIX, ModelCase, Settings
 
 CACHE_VARIABLES = ("CONDLORA_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
 

@@ -51,10 +51,10 @@ three modes; frozen, peft_lora, paper_code_condlora, condlora[triton], condlora[
 condlora[reference] in eager mode only: 32 points), measured on an H200 (benchmarks/NOTES.md, seventh session):
 eager mode with host time 97 s (Triton's first eager points autotune: ~30 s each), the compiled modes of frozen,
 PEFT and both backends 342 s, the paper's code compiled 144 s; the first-step level in fresh processes 219 s. The
-progress bar prints each point's wall time and the rows keep it (`point_s`). condlora[cuda]+recompute (eighth
-session) adds 6 points, not yet timed in a run of the suite: about 20 s each compiled (the compiled points of one
-provider above), a few seconds each in eager mode. To stay within a time limit per command, run it in parts with
-`--merge` (tools/device_suite.sh does it in three).
+progress bar prints each point's wall time and the rows keep it (`point_s`). condlora[cuda]+recompute adds 6
+points. On a freshly started machine (ninth session) RoBERTa's compiled points took 38-72 s each and the Llama
+stack's 7-48 s. To stay within a time limit per command, run it in parts with `--merge` and `--models`
+(tools/device_suite.sh does it in four).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from condlora_kernels import reference, timing
 from condlora_kernels.bench import host, report
 from condlora_kernels.bench.kernels import Point, error_message
 from condlora_kernels.bench.providers import backend_unavailable_reason
-from condlora_kernels.bench.shapes import MODEL_MODES, ModelCase, Settings
+from condlora_kernels.bench.shapes import MODEL_MODES, ModelCase, Settings, condlora_provider
 from condlora_kernels.bench.timing import synchronize
 from condlora_kernels.integrations.model import (apply_condlora, match_target, set_recompute_weight_cast,
                                                  set_submodule)
@@ -84,17 +84,6 @@ from condlora_kernels.integrations.model import (apply_condlora, match_target, s
 # the default backend on CUDA (the extension's op) before Triton, whose first eager point autotunes
 MODEL_PROVIDERS = ("frozen", "peft_lora", "paper_code_condlora", "condlora[cuda]", "condlora[triton]",
                    "condlora[cpu]", "condlora[reference]", "condlora[cuda]+recompute")
-RECOMPUTE_SUFFIX = "+recompute"
-
-
-def condlora_provider(provider: str) -> Optional[tuple]:
-    """(backend, recompute_weight_cast) of a "condlora[<backend>]" or "condlora[<backend>]+recompute" provider,
-    None for the other providers."""
-    recompute = provider.endswith(RECOMPUTE_SUFFIX)
-    name = provider[:-len(RECOMPUTE_SUFFIX)] if recompute else provider
-    if not (name.startswith("condlora[") and name.endswith("]")):
-        return None
-    return name[len("condlora["):-1], recompute
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from condlora_kernels.bench.shapes import LLAMA_2L, MODEL_MODES, ROBERTA_BASE
+from condlora_kernels.bench.shapes import LLAMA_2L, MODEL_MODES, ROBERTA_BASE, condlora_provider
 
 SCHEMA = 2  # 2: model rows per mode (eager, compile, reduce-overhead) with ratio_to_peft; host and first_step rows
 GiB = 2 ** 30
@@ -332,7 +332,8 @@ def _ours(rows: dict, provider: Optional[str], key: str) -> Optional[dict]:
     backends with their default settings: not the +recompute rows)."""
     if provider is not None:
         return rows.get(provider)
-    ours = [r for p, r in rows.items() if p.startswith("condlora[") and p.endswith("]") and r.get(key) is not None]
+    ours = [r for p, r in rows.items() if condlora_provider(p) is not None and not condlora_provider(p)[1]
+            and r.get(key) is not None]
     return min(ours, key=lambda r: r[key]) if ours else None
 
 

@@ -9,6 +9,18 @@ MODES = ("forward", "backward", "forward+backward")
 # How a model-level training step runs (model.py): as written, torch.compile(model), and
 # torch.compile(model, mode="reduce-overhead") (CUDA graphs).
 MODEL_MODES = ("eager", "compile", "reduce-overhead")
+# a model provider "condlora[<backend>]" with that backend's layers as they are, or with recompute_weight_cast set
+RECOMPUTE_SUFFIX = "+recompute"
+
+
+def condlora_provider(provider: str) -> Optional[tuple]:
+    """(backend, recompute_weight_cast) of a "condlora[<backend>]" or "condlora[<backend>]+recompute" provider,
+    None for the other providers."""
+    recompute = provider.endswith(RECOMPUTE_SUFFIX)
+    name = provider[:-len(RECOMPUTE_SUFFIX)] if recompute else provider
+    if not (name.startswith("condlora[") and name.endswith("]")):
+        return None
+    return name[len("condlora["):-1], recompute
 
 
 @dataclass(frozen=True)
