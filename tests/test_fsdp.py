@@ -189,8 +189,13 @@ def _train_trainer(model, output_dir):
 
 
 def _shard(model, how):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard as fsdp_fully_shard
 
+    # the ranks train on the CPU (gloo): without a mesh, fully_shard would take a GPU's mesh on a host that has one
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    fully_shard = functools.partial(fsdp_fully_shard, mesh=mesh)
     blocks = model.bert.encoder.layer
     if how.startswith("per-block"):  # the recipe written out
         for block in blocks:
@@ -207,20 +212,21 @@ def _shard(model, how):
         for generator in model.condlora_generators.values():
             fully_shard(generator)
         if how.endswith("helper"):
-            shard_condlora_model(model)
+            shard_condlora_model(model, mesh=mesh)
         for block in blocks:
             fully_shard(block)
         fully_shard(model)
     elif how == "helper non-reentrant":  # the default blocks: _no_split_modules ({BertLayer, BertEmbeddings} in
         _enable_checkpointing(model, False)  # transformers 5; BERT lists none in transformers 4)
-        shard_condlora_model(model, **({} if getattr(model, "_no_split_modules", None) else
+        shard_condlora_model(model, mesh=mesh, **({} if getattr(model, "_no_split_modules", None) else
                                        {"block_classes": ["BertLayer"]}))
     elif how == "helper reentrant":
         _enable_checkpointing(model, True)
-        shard_condlora_model(model, block_classes=["BertLayer"])
+        shard_condlora_model(model, block_classes=["BertLayer"], mesh=mesh)
     else:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        shard_condlora_model(model, block_classes=[transformers.models.bert.modeling_bert.BertLayer], mp_policy=policy)
+        shard_condlora_model(model, block_classes=[transformers.models.bert.modeling_bert.BertLayer], mp_policy=policy,
+                             mesh=mesh)
 
 
 def _run_config(name, rank, output_dir):
