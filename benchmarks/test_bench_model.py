@@ -119,3 +119,42 @@ def test_compiled_wraps_the_model():
         assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is model
     with pytest.raises(ValueError, match="unknown model mode 'graphs'"):
         compiled(model, "graphs")
+
+
+def test_rounds_alternate_the_providers_and_report_their_median():
+    """settings.model_rounds = 2: the plan measures frozen, condlora[cpu], frozen, condlora[cpu]; each point keeps
+    one row whose median_ms and host_mm_us are the medians of its rounds, with the highest peak; a provider that
+    cannot run stays one skipped row."""
+    case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
+    settings = dataclasses.replace(Settings.for_device("cpu", quick=True), model_cases=((case, "fp32"),),
+                                   model_modes=("eager",), model_rounds=2)
+    suite = ModelSuite(torch.device("cpu"), settings)
+    plan = suite.plan(["frozen", "condlora[cpu]", "condlora[cuda]"])
+    assert [p for *_, p in plan] == ["frozen", "condlora[cpu]", "condlora[cuda]"] * 2
+    for point in plan:
+        suite.measure(*point)
+    rows = {row["provider"]: row for row in suite.rows}
+    assert len(suite.rows) == 3 and rows["condlora[cuda]"]["status"] == "skipped"
+    for provider in ("frozen", "condlora[cpu]"):
+        row = rows[provider]
+        assert row["status"] == "ok", row
+        assert len(row["round_ms"]) == 2 and len(row["round_host_mm_us"]) == 2, row
+        assert row["median_ms"] == pytest.approx(sum(row["round_ms"]) / 2)  # the median of two
+        assert row["host_mm_us"] == pytest.approx(sum(row["round_host_mm_us"]) / 2)
+        assert row["examples_per_s"] == pytest.approx(case.batch / (row["median_ms"] * 1e-3))
+    assert rows["condlora[cpu]"]["ratio_to_frozen"] == pytest.approx(
+        rows["condlora[cpu]"]["median_ms"] / rows["frozen"]["median_ms"])
+
+
+def test_a_failed_round_makes_the_point_an_error():
+    ok = {"status": "ok", "reason": "", "median_ms": 2.0, "host_mm_us": 10.0, "round_ms": [2.0],
+          "round_host_mm_us": [10.0], "peak_mem_bytes": 100, "step_peak_mem_bytes": 90, "point_s": 1.0,
+          "examples_per_s": 1.0, "tokens_per_s": 1.0}
+    later = dict(ok, median_ms=4.0, host_mm_us=20.0, peak_mem_bytes=120, step_peak_mem_bytes=80, point_s=2.0)
+    row = copy.deepcopy(ok)
+    bench_model._fold_round(row, later, ROBERTA_TINY)
+    assert row["round_ms"] == [2.0, 4.0] and row["median_ms"] == 3.0 and row["host_mm_us"] == 15.0
+    assert row["peak_mem_bytes"] == 120 and row["step_peak_mem_bytes"] == 90 and row["point_s"] == 3.0
+    bench_model._fold_round(row, dict(later, status="error", reason="RuntimeError: boom"), ROBERTA_TINY)
+    assert row["status"] == "error" and row["median_ms"] is None and row["reason"] == "round 3: RuntimeError: boom"
+    assert row["round_ms"] == [2.0, 4.0]

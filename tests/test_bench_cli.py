@@ -179,6 +179,13 @@ def test_models_option_keeps_the_named_cases():
         _settings(parse_args(["--models", "roberta-base"]), torch.device("cpu"))  # CPU runs the tiny cases
 
 
+def test_rounds_option():
+    assert _settings(parse_args([]), torch.device("cpu")).model_rounds == 1
+    assert _settings(parse_args(["--rounds", "3"]), torch.device("cuda")).model_rounds == 3
+    with pytest.raises(SystemExit, match="--rounds must be >= 1, got 0"):
+        _settings(parse_args(["--rounds", "0"]), torch.device("cpu"))
+
+
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_first_step_in_fresh_processes():
     """Cold then warm process per provider with the cache directories set; unavailable providers start none."""

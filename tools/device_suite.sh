@@ -3,7 +3,8 @@
 # PART`. Call the parts back to back so that the machine stays warm (the install and Inductor's caches are kept).
 # Each suite part merges its points into benchmarks/results/<device>.json and copies it to $OUT; copy it back into
 # the tree before the next call (a call starts from the tree as it is here).
-#   1       install, the eager model level for every provider, host time (~100 s of it in the seventh session)
+#   1       install, the eager model level for every provider in 3 alternated rounds (eager steps follow the
+#           host's speed, NOTES tenth session), host time (~100 s with one round in the seventh session)
 #   2a, 2b  the compiled modes for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute, condlora[triton]:
 #           2a RoBERTa-base, 2b the Llama stack (ninth session, cold machine: RoBERTa's 10 points took ~480 s,
 #           40-70 s each; the Llama stack's 10 points ~150 s, after 2a ~7-48 s each)
@@ -24,7 +25,7 @@ bench() {  # bench TIME_LIMIT ARGS...
 }
 part=$1; shift
 case "$part" in
-  1) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step ;;
+  1) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
   2a|2b) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
        --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" \
        --providers frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]" ;;

@@ -80,6 +80,10 @@ def parse_args(argv):
                                                     "else torch's default)")
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help="model cases to keep, among the settings' (e.g. roberta-base llama-4096-2L)")
+    parser.add_argument("--rounds", type=int, metavar="R",
+                        help="model level: measure each model and mode's providers R times, in turn, and report per "
+                             "point the median of the rounds (a step bound by the host follows the host's speed, "
+                             "which can drift within a run; default 1)")
     parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout at model level (default 0)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     parser.add_argument("--merge", action="store_true",
@@ -131,6 +135,10 @@ def _settings(args, device: torch.device) -> Settings:
         settings.model_modes = tuple(m for m in MODEL_MODES if m in args.model_modes)
     if args.first_step is not None:
         settings.first_step = args.first_step
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+        settings.model_rounds = args.rounds
     if args.providers:  # what is named runs in every mode
         settings.eager_only_providers = tuple(p for p in settings.eager_only_providers if p not in args.providers)
     if args.shapes:
@@ -252,11 +260,12 @@ def main(argv=None) -> int:
             bar.update()
         for case, precision, mode, provider in model_plan:
             bar.set_postfix_str(f"{case.name} {precision} {mode} {provider}{last}")
+            started = time.perf_counter()
             row = models.measure(case, precision, mode, provider).row
+            took = time.perf_counter() - started  # this round's (row["point_s"] adds up the rounds)
             if row["status"] != "skipped":  # one line per point: how long each took (the time budget of a run)
-                bar.write(f"  model {case.name} {precision} {mode} {provider}: {row['status']}, "
-                          f"{row['point_s']:.1f} s")
-            last = f" (previous point {row['point_s']:.1f} s)"
+                bar.write(f"  model {case.name} {precision} {mode} {provider}: {row['status']}, {took:.1f} s")
+            last = f" (previous point {took:.1f} s)"
             save()
             bar.update()
         for device_type in host_devices:

@@ -42,6 +42,13 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
                       next point it lowered that point's figure by whatever it held (benchmarks/NOTES.md,
                       seventh session)
     step_peak_mem_bytes  the same peak over the timed steps only: the steady state, what bounds the batch size
+    round_ms          with settings.model_rounds = R > 1, each model and mode's providers are measured R times,
+    round_host_mm_us  in turn (frozen, PEFT, ..., then again), each time as above; the point's row keeps every
+                      round's median step time and host_mm_us, and reports their medians (median_ms, host_mm_us),
+                      the highest peaks, and the first round's first step. A step bound by the host (eager
+                      RoBERTa-base, or a compiled one on a slow host) follows the host's speed, which on the H200
+                      machines moved by up to 1.7x within one process over seconds (benchmarks/NOTES.md, tenth
+                      session): alternating the providers over rounds spreads that drift over all of them.
     graphs_compiled   compiled modes: the graphs Dynamo compiled (beyond graph_breaks + 1: recompilations,
     graph_breaks      each one more compile during the first steps) and the graph breaks it met
     point_s           the point's wall time, everything included
@@ -64,6 +71,7 @@ import copy
 import gc
 import importlib
 import importlib.util
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -284,6 +292,27 @@ def timed_first_step(step: Callable[[], object], device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def _fold_round(row: dict, later: dict, case: ModelCase) -> None:
+    """Adds a later round's measurement of a point to the point's row (see round_ms above). A round that
+    failed makes the point an error row: its other rounds are kept, the median is not reported."""
+    row["point_s"] += later["point_s"]
+    if row["status"] != "ok":
+        return
+    if later["status"] != "ok":
+        row.update(status=later["status"], median_ms=None, examples_per_s=None, tokens_per_s=None,
+                   reason=f"round {len(row['round_ms']) + 1}: {later['reason']}")
+        return
+    row["round_ms"].append(later["median_ms"])
+    row["round_host_mm_us"].append(later["host_mm_us"])
+    ms = statistics.median(row["round_ms"])
+    row.update(median_ms=ms, examples_per_s=case.batch / (ms * 1e-3), tokens_per_s=case.tokens / (ms * 1e-3))
+    if all(v is not None for v in row["round_host_mm_us"]):
+        row["host_mm_us"] = statistics.median(row["round_host_mm_us"])
+    for name in ("peak_mem_bytes", "step_peak_mem_bytes"):
+        if later[name] is not None:
+            row[name] = max(row[name], later[name])
+
+
 @dataclass
 class ModelSuite:
     """Measures (model case, precision, mode, provider) points on one device and keeps the rows."""
@@ -305,7 +334,8 @@ class ModelSuite:
                     [p for p in providers if p not in ("frozen", "peft_lora")]
         eager_only = self.settings.eager_only_providers
         return [(case, precision, mode, p) for case, precision in self.settings.model_cases
-                for mode in self.settings.model_modes for p in providers if mode == "eager" or p not in eager_only]
+                for mode in self.settings.model_modes for _ in range(self.settings.model_rounds)
+                for p in providers if mode == "eager" or p not in eager_only]
 
     def base_model(self, case: ModelCase) -> nn.Module:
         if self._base[0] != case.name:
@@ -329,7 +359,8 @@ class ModelSuite:
         reason = provider_unavailable(provider, self.device, precision)
         if reason is not None:
             row.update(status="skipped", reason=reason, point_s=0.0)
-            self.rows.append(row)
+            if self._earlier_round(row) is None:
+                self.rows.append(row)
             return point
         step = None
         try:
@@ -370,9 +401,20 @@ class ModelSuite:
             point.step = step
             row.update(median_ms=ms, examples_per_s=case.batch / (ms * 1e-3), tokens_per_s=case.tokens / (ms * 1e-3))
         row["point_s"] = time.perf_counter() - started
-        self.rows.append(row)
+        earlier = self._earlier_round(row)
+        if earlier is None:
+            row.update(round_ms=[row["median_ms"]], round_host_mm_us=[row["host_mm_us"]])
+            self.rows.append(row)
+        else:
+            _fold_round(earlier, row, case)
+            point = Point([earlier], step=point.step)
         report.fill_model_ratios(self.rows)
         return point
+
+    def _earlier_round(self, row: dict) -> Optional[dict]:
+        """The row of this point's earlier rounds (settings.model_rounds), or None for a first round."""
+        key = ("model", "precision", "mode", "provider", "dropout")
+        return next((r for r in self.rows if all(r[k] == row[k] for k in key)), None)
 
     def _warm_up(self, step):
         # the first step is behind us: settings.model_warmup_steps counts it

@@ -140,6 +140,9 @@ class Settings:
     cpu_max_reps: int = 30
     model_warmup_steps: int = 3  # untimed steps, the first (timed alone: time to first step) included
     model_steps: int = 10  # timed steps: their median is the step time
+    # each model and mode's providers measured this many times, alternating; a point reports the median of its
+    # rounds (a step bound by the host follows the host's speed, which moves within a process: model.py)
+    model_rounds: int = 1
     model_modes: tuple = MODEL_MODES
     # compiled, the reference backend's plain torch ops make the paper code's graph again: a minute of
     # compiling per point for nothing new (`--providers condlora[reference]` runs it in every mode)
