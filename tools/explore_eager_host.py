@@ -98,9 +98,9 @@ def main():
             for provider in args.providers:
                 row = dict(measure(provider, base, case, device, args.steps, gc_off), round=round_)
                 rows.append(row)
-                print(f"{provider:28s} {'off' if gc_off else 'on ':3s} {row['forward_ms']:6.2f} "
-                      f"{row['backward_ms']:6.2f} {row['optimizer_ms']:6.2f} {row['gpu_wait_ms']:6.2f} {row['step_ms']:6.2f} "
-                      f"{row['host_mm_us']:6.1f} {row['num_device_alloc']:7d} {row['num_device_free']:5d}")
+                figures = [row[f"{phase}_ms"] for phase in PHASES]
+                print(f"{provider:28s} {'off' if gc_off else 'on ':3s} " + " ".join(f"{v:6.2f}" for v in figures)
+                      + f" {row['host_mm_us']:6.1f} {row['num_device_alloc']:7d} {row['num_device_free']:5d}")
     if args.json:
         env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
         with open(args.json, "w") as f:
