@@ -17,6 +17,7 @@ import torch
 
 from condlora_kernels import condlora_layers
 from condlora_kernels.bench import model as bench_model
+from condlora_kernels.bench import report
 from condlora_kernels.bench.first_step import first_step_plan
 from condlora_kernels.bench.model import MODEL_PROVIDERS, ModelSuite, attach, compiled, condlora_provider
 from condlora_kernels.bench.shapes import MODEL_MODES, ROBERTA_TINY, Settings
@@ -144,6 +145,8 @@ def test_rounds_alternate_the_providers_and_report_their_median():
         assert row["examples_per_s"] == pytest.approx(case.batch / (row["median_ms"] * 1e-3))
     assert rows["condlora[cpu]"]["ratio_to_frozen"] == pytest.approx(
         rows["condlora[cpu]"]["median_ms"] / rows["frozen"]["median_ms"])
+    table = report.model_markdown(suite.rows)
+    assert f"| {rows['frozen']['host_mm_us']:.1f} (2 rounds) |" in table
 
 
 def test_a_failed_round_makes_the_point_an_error():

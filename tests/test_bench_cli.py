@@ -95,8 +95,8 @@ def test_markdown_from_json(quick_run, capsys):
     assert "| tensors | layer (backend) |" in text and "| CPU | FusedCondLoRALinear (cpu) | 8x64x64 r4 |" in text
     assert "| target (issue #11) | measured | met |" in text
     if HAS_TRANSFORMERS:
-        assert "| model | mode | provider | step (ms) | examples/s | × frozen (same mode) | " \
-               "× PEFT LoRA (same mode) | peak memory (GiB) | steady peak (GiB) | first step (s) |" in text
+        assert "| model | mode | provider | step (ms) | examples/s | × frozen (same mode) | × PEFT LoRA (same mode) " \
+               "| peak memory (GiB) | steady peak (GiB) | first step (s) | host mm (µs) |" in text
         assert "| roberta-tiny 2×64 fp32 | eager | peft_lora |" in text and "lower is better" in text
 
 

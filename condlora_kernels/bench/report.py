@@ -269,11 +269,12 @@ def model_markdown(rows: list) -> str:
               + ".") if compiled else ""
     return _table(
         rows, ["model", "mode", "provider", "step (ms)", "examples/s", "× frozen (same mode)",
-               "× PEFT LoRA (same mode)", "peak memory (GiB)", "steady peak (GiB)", "first step (s)"],
+               "× PEFT LoRA (same mode)", "peak memory (GiB)", "steady peak (GiB)", "first step (s)", "host mm (µs)"],
         lambda r: [f"{r['model']} {r['batch']}×{r['seq']} {r['precision']}", r["mode"], r["provider"],
                    _fmt_ms(r["median_ms"]), f"{r['examples_per_s']:.1f}", _ratio(r.get("ratio_to_frozen")),
                    _ratio(r.get("ratio_to_peft")),
-                   _gib(r.get("peak_mem_bytes")), _gib(r.get("step_peak_mem_bytes")), _seconds(r.get("first_step_s"))],
+                   _gib(r.get("peak_mem_bytes")), _gib(r.get("step_peak_mem_bytes")), _seconds(r.get("first_step_s")),
+                   _host_mm(r)],
         "Training step = forward, loss, backward, AdamW step; median of the timed steps. Both ratios are step "
         "times, **lower is better**: *× frozen* over the frozen model's step in the same mode (no adapter, backward "
         "through every layer: 1.00× is the floor); *× PEFT LoRA* over PEFT LoRA's step in the same mode (below "
@@ -281,8 +282,16 @@ def model_markdown(rows: list) -> str:
         "allocated before it, over the whole point (first step and compilation included); *steady peak*: the same "
         "over the timed steps only. *first step*: wall time of the point's first step in the benchmark's "
         "process (compilation and autotuning included, with the caches the earlier points filled; the cold and "
-        "warm figures in fresh processes are in the first-step table).",
+        "warm figures in fresh processes are in the first-step table). *host mm*: the host time of one tiny "
+        "`torch.mm` on the device just before the timed steps (`host_mm_us`): a step bound by the host follows it; "
+        "with rounds (`--rounds`), the median of the rounds' and the step time the median of theirs.",
         lambda r: f"{r['model']} {r['precision']} {r['mode']}", graphs)
+
+
+def _host_mm(row: dict) -> str:
+    us = row.get("host_mm_us")
+    rounds = len(row.get("round_ms") or ())
+    return "–" if us is None else f"{us:.1f}" + (f" ({rounds} rounds)" if rounds > 1 else "")
 
 
 def first_step_markdown(rows: list) -> str:
