@@ -103,19 +103,24 @@ class LowRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, wh, ah, bh, u = ctx.saved_tensors
-        s = ctx.s
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        v = dy2 @ bh
-        if ctx.frozen_first:
-            dx = dy2 @ wh
-            dx.addmm_(v, ah, alpha=s)
-        else:
-            dx = torch.addmm(torch.empty_like(x2), v, ah, beta=0, alpha=s)
-            dx.addmm_(dy2, wh)
-        ga = torch.mm(v.t(), x2).to(weight.dtype) * s
-        gb = torch.mm(dy2.t(), u).to(weight.dtype) * s
-        dta, dtb = dtheta(ga, gb, weight, ctx.paper)
-        return dx.view(x.shape), None, None, dta, dtb, None, None, None
+        dx, dta, dtb = lowrank_backward(x, dy, weight, wh, ah, bh, u, ctx.s, ctx.paper, ctx.frozen_first)
+        return dx, None, None, dta, dtb, None, None, None
+
+
+def lowrank_backward(x, dy, weight, wh, ah, bh, u, s, paper, frozen_first):
+    """(dx, dtheta_a, dtheta_b) of the low-rank formulations, with wh, ah, bh the rounded W0, A and B."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    v = dy2 @ bh
+    if frozen_first:
+        dx = dy2 @ wh
+        dx.addmm_(v, ah, alpha=s)
+    else:
+        dx = torch.addmm(torch.empty_like(x2), v, ah, beta=0, alpha=s)
+        dx.addmm_(dy2, wh)
+    ga = torch.mm(v.t(), x2).to(weight.dtype) * s
+    gb = torch.mm(dy2.t(), u).to(weight.dtype) * s
+    dta, dtb = dtheta(ga, gb, weight, paper)
+    return dx.view(x.shape), dta, dtb
 
 
 class Stacked(torch.autograd.Function):
@@ -144,16 +149,9 @@ class Stacked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, stacked, bh, u = ctx.saved_tensors
-        s, d_out = ctx.s, ctx.d_out
-        wh, ah = stacked[:d_out], stacked[d_out:]
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        v = dy2 @ bh
-        dx = torch.addmm(torch.empty_like(x2), v, ah, beta=0, alpha=s)
-        dx.addmm_(dy2, wh)
-        ga = torch.mm(v.t(), x2).to(weight.dtype) * s
-        gb = torch.mm(dy2.t(), u).to(weight.dtype) * s
-        dta, dtb = dtheta(ga, gb, weight, ctx.paper)
-        return dx.view(x.shape), None, None, dta, dtb, None, None
+        wh, ah = stacked[:ctx.d_out], stacked[ctx.d_out:]
+        dx, dta, dtb = lowrank_backward(x, dy, weight, wh, ah, bh, u, ctx.s, ctx.paper, frozen_first=False)
+        return dx, None, None, dta, dtb, None, None
 
 
 def make(name, n, d_in, d_out, r, device):

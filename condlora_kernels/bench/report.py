@@ -283,8 +283,8 @@ def model_markdown(rows: list) -> str:
         "over the timed steps only. *first step*: wall time of the point's first step in the benchmark's "
         "process (compilation and autotuning included, with the caches the earlier points filled; the cold and "
         "warm figures in fresh processes are in the first-step table). *host mm*: the host time of one tiny "
-        "`torch.mm` on the device just before the timed steps (`host_mm_us`): a step bound by the host follows it; "
-        "with rounds (`--rounds`), the median of the rounds' and the step time the median of theirs.",
+        "`torch.mm` on the device just before the timed steps (`host_mm_us`): a step bound by the host follows it. "
+        "With `--rounds`, a point's step time and host mm are the medians over its rounds.",
         lambda r: f"{r['model']} {r['precision']} {r['mode']}", graphs)
 
 
