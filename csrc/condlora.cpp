@@ -292,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor> forward_core(const DeviceKernels& kernels, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
     const DeviceKernels& kernels, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
-    const std::optional<at::Tensor>& seed, const Sizes& sz, std::array<bool, 4> needs, at::ScalarType theta_dtype) {
+    const std::optional<at::Tensor>& seed, const Sizes& sz, std::array<bool, 4> needs, at::ScalarType theta_dtype,
+    bool stacked_theta_out = false) {
   const auto [need_x, need_theta_a, need_theta_b, need_bias] = needs;
   const auto options = x.options();
   const int64_t r = sz.r;
@@ -356,8 +357,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
   at::Tensor grad_theta_a, grad_theta_b;
   if (stack_ab) {
     const at::Tensor both = contract(stacked_ab, weight);  // [dA W0; dB^T W0]
-    grad_theta_a = both.narrow(0, 0, r);
-    grad_theta_b = both.narrow(0, r, r).clone();  // outputs must not share storage
+    if (stacked_theta_out) {
+      grad_theta_a = both;  // the caller splits it (outputs must not share storage)
+    } else {
+      grad_theta_a = both.narrow(0, 0, r);
+      grad_theta_b = both.narrow(0, r, r).clone();  // outputs must not share storage
+    }
   } else {
     if (need_theta_a) grad_theta_a = contract(grad_a, paper ? weight : weight.t());
     if (need_theta_b) grad_theta_b = contract(grad_b_t, weight);
@@ -487,7 +492,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
   TORCH_CHECK_TYPE(weight_dtype_fits(theta_dtype, x.scalar_type()), "theta_dtype must be x's dtype or float32, got ",
                    py_dtype(theta_dtype));
   return backward_core(kernels, grad_y.contiguous(), x.contiguous(), weight, u.contiguous(), lora_a.contiguous(),
-                       lora_b.contiguous(), scaling, dropout_p, seed, sz, needs, theta_dtype);
+                       lora_b.contiguous(), scaling, dropout_p, seed, sz, needs, theta_dtype,
+                       /*stacked_theta_out=*/theta_grads_stacked(mode_name, needs));
+}
+
+// backward_ab returns both theta gradients in one (2r, d_in) tensor where backward_core computes them with one GEMM
+// (paper mode, both asked for): the copy that would split it into two outputs is a launch and an allocation per
+// layer and step (benchmarks/NOTES.md, tenth session).
+bool theta_grads_stacked(const std::string& mode, std::array<bool, 4> needs) {
+  return mode == "paper" && needs[1] && needs[2];
 }
 
 }  // namespace condlora

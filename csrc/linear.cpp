@@ -168,6 +168,11 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
         dy, x2d, weight, u, lora_a, lora_b, ctx->saved_data["scaling"].toDouble(),
         ctx->saved_data["dropout_p"].toDouble(), seed.defined() ? std::optional<at::Tensor>(seed) : std::nullopt,
         ctx->saved_data["mode"].toStringRef(), ctx->saved_data["theta_grad_dtype"].toScalarType(), needs);
+    if (theta_grads_stacked(ctx->saved_data["mode"].toStringRef(), needs)) {  // [dtheta_a; dtheta_b] in one tensor
+      const auto r = lora_a.sym_size(0);
+      grad_theta_b = grad_theta_a.narrow_symint(0, r, r);
+      grad_theta_a = grad_theta_a.narrow_symint(0, 0, r);
+    }
     auto cast_to = [](const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
     variable_list out(9);
     if (needs[0]) out[0] = grad_x.view_symint(x.sym_sizes());

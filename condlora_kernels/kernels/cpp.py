@@ -110,9 +110,13 @@ if _C is not None:
         d_out, d_in = weight.shape
         r = lora_a.shape[0]
         theta_a_cols = d_in if mode == "paper" else d_out
+        if mode == "paper" and need_theta_a and need_theta_b:  # [dtheta_a; dtheta_b] in one (condlora.h)
+            theta_a_shape, theta_b_shape = (2 * r, d_in), (0,)
+        else:
+            theta_a_shape = (r, theta_a_cols) if need_theta_a else (0,)
+            theta_b_shape = (r, d_in) if need_theta_b else (0,)
         return (x.new_empty(x.shape if need_x else (0,)),
-                x.new_empty((r, theta_a_cols) if need_theta_a else (0,), dtype=theta_dtype),
-                x.new_empty((r, d_in) if need_theta_b else (0,), dtype=theta_dtype),
+                x.new_empty(theta_a_shape, dtype=theta_dtype), x.new_empty(theta_b_shape, dtype=theta_dtype),
                 x.new_empty((d_out,) if need_bias else (0,)))
 
     @torch.library.register_fake("condlora_C::draw_seed")
