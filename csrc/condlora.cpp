@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
     const DeviceKernels& kernels, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, const Sizes& sz, std::array<bool, 4> needs, at::ScalarType theta_dtype,
-    bool stacked_theta_out = false) {
+    bool stack_theta_grads = false) {
   const auto [need_x, need_theta_a, need_theta_b, need_bias] = needs;
   const auto options = x.options();
   const int64_t r = sz.r;
@@ -357,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
   at::Tensor grad_theta_a, grad_theta_b;
   if (stack_ab) {
     const at::Tensor both = contract(stacked_ab, weight);  // [dA W0; dB^T W0]
-    if (stacked_theta_out) {
+    if (stack_theta_grads) {
       grad_theta_a = both;  // the caller splits it (outputs must not share storage)
     } else {
       grad_theta_a = both.narrow(0, 0, r);
@@ -475,8 +475,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
     const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, const std::string& mode_name, at::ScalarType theta_dtype,
-    std::array<bool, 4> needs) {
+    std::array<bool, 4> needs, bool stack_theta_grads) {
   const Mode mode = parse_mode(mode_name);
+  TORCH_CHECK_VALUE(!stack_theta_grads || can_stack_theta_grads(mode_name, needs),
+                    "stack_theta_grads needs mode='paper' and both theta gradients asked for (needs[1] and needs[2])");
   check_layout_and_dtype("grad_y", grad_y);
   check_scaling_and_dropout(scaling, dropout_p);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_y", grad_y}, {"weight", weight},
@@ -493,13 +495,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
                    py_dtype(theta_dtype));
   return backward_core(kernels, grad_y.contiguous(), x.contiguous(), weight, u.contiguous(), lora_a.contiguous(),
                        lora_b.contiguous(), scaling, dropout_p, seed, sz, needs, theta_dtype,
-                       /*stacked_theta_out=*/theta_grads_stacked(mode_name, needs));
+                       stack_theta_grads);
 }
 
-// backward_ab returns both theta gradients in one (2r, d_in) tensor where backward_core computes them with one GEMM
-// (paper mode, both asked for): the copy that would split it into two outputs is a launch and an allocation per
-// layer and step (benchmarks/NOTES.md, tenth session).
-bool theta_grads_stacked(const std::string& mode, std::array<bool, 4> needs) {
+// Where backward_core computes both theta gradients with one GEMM into one (2r, d_in) tensor: backward_ab can
+// return that tensor (stack_theta_grads) instead of copying one half into an output of its own, a launch and an
+// allocation per layer and step (benchmarks/NOTES.md, tenth session).
+bool can_stack_theta_grads(const std::string& mode, std::array<bool, 4> needs) {
   return mode == "paper" && needs[1] && needs[2];
 }
 
@@ -534,7 +536,8 @@ TORCH_LIBRARY(condlora_C, m) {
       tags);
   m.def(
       "backward_ab(Tensor grad_y, Tensor x, Tensor weight, Tensor u, Tensor lora_a, Tensor lora_b, float scaling, "
-      "float dropout_p, Tensor? seed, str mode, ScalarType theta_dtype, bool[4] needs) "
+      "float dropout_p, Tensor? seed, str mode, ScalarType theta_dtype, bool[4] needs, "
+      "bool stack_theta_grads=False) "
       "-> (Tensor grad_x, Tensor grad_theta_a, Tensor grad_theta_b, Tensor grad_bias)",
       tags);
 }

@@ -120,10 +120,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
 // The ops behind condlora_C::linear (docs/design.md §4). prepare: (weight in dtype, or an empty tensor where it
 // already had it; lora_a; lora_b), the generators and a float32 master weight rounded to dtype. forward_ab: (y, u)
 // from A and B (weight, A and B in x's dtype; bias in x's dtype or a float32 master). backward_ab: the gradients,
-// dtheta in theta_dtype (x's dtype, or float32 for a half-precision x); where theta_grads_stacked(mode, needs),
-// grad_theta_a is [dtheta_a; dtheta_b] (2r, d_in) and grad_theta_b is empty: one GEMM writes both, and an op's
-// outputs may not share storage (linear.cpp splits it).
-bool theta_grads_stacked(const std::string& mode, std::array<bool, 4> needs);
+// dtheta in theta_dtype (x's dtype, or float32 for a half-precision x); with stack_theta_grads (which needs
+// can_stack_theta_grads: paper mode, both theta gradients asked for), grad_theta_a is [dtheta_a; dtheta_b]
+// (2r, d_in) and grad_theta_b is empty: one GEMM writes both, and an op's outputs may not share storage, so
+// splitting them inside the op would cost a copy (linear.cpp splits them by views).
+bool can_stack_theta_grads(const std::string& mode, std::array<bool, 4> needs);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKernels& kernels, const at::Tensor& weight,
                                                                 const at::Tensor& theta_a, const at::Tensor& theta_b,
                                                                 at::ScalarType dtype, const std::string& mode);
@@ -136,6 +137,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
     const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, const std::string& mode, at::ScalarType theta_dtype,
-    std::array<bool, 4> needs);
+    std::array<bool, 4> needs, bool stack_theta_grads);
 
 }  // namespace condlora

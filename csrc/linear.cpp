@@ -58,7 +58,7 @@ const auto& backward_ab_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("condlora_C::backward_ab", "").typed<Four(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, double, double, const std::optional<at::Tensor>&, const std::string&, at::ScalarType,
-      std::array<bool, 4>)>();
+      std::array<bool, 4>, bool)>();
   return op;
 }
 
@@ -164,11 +164,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const std::array<bool, 4> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(theta_a_index),
                                     ctx->needs_input_grad(theta_a_index + 1), has_bias && ctx->needs_input_grad(2)};
     const at::Tensor dy = grad_outputs[0].reshape_symint({-1, grad_outputs[0].sym_size(-1)});
+    const std::string& mode = ctx->saved_data["mode"].toStringRef();
+    const bool stacked = can_stack_theta_grads(mode, needs);  // [dtheta_a; dtheta_b] in one tensor, split here
     auto [grad_x, grad_theta_a, grad_theta_b, grad_bias] = backward_ab_op().call(
         dy, x2d, weight, u, lora_a, lora_b, ctx->saved_data["scaling"].toDouble(),
         ctx->saved_data["dropout_p"].toDouble(), seed.defined() ? std::optional<at::Tensor>(seed) : std::nullopt,
-        ctx->saved_data["mode"].toStringRef(), ctx->saved_data["theta_grad_dtype"].toScalarType(), needs);
-    if (theta_grads_stacked(ctx->saved_data["mode"].toStringRef(), needs)) {  // [dtheta_a; dtheta_b] in one tensor
+        mode, ctx->saved_data["theta_grad_dtype"].toScalarType(), needs, stacked);
+    if (stacked) {
       const auto r = lora_a.sym_size(0);
       grad_theta_b = grad_theta_a.narrow_symint(0, r, r);
       grad_theta_a = grad_theta_a.narrow_symint(0, 0, r);

@@ -151,11 +151,33 @@ def test_opcheck(device):
     _, lora_a, lora_b = torch.ops.condlora_C.prepare.default(w, ta2, tb2, torch.float32, "paper")
     torch.library.opcheck(torch.ops.condlora_C.forward_ab.default, (x2, w, b, lora_a, lora_b, 1.5, 0.0, None))
     y, u = torch.ops.condlora_C.forward_ab.default(x2, w, b, lora_a, lora_b, 1.5, 0.0, None)
-    torch.library.opcheck(torch.ops.condlora_C.backward_ab.default,
-                          (torch.randn_like(y), x2, w, u, lora_a, lora_b, 1.5, 0.0, None, "paper", torch.float32,
-                           [True, True, True, True]))
+    for stack in (False, True):
+        torch.library.opcheck(torch.ops.condlora_C.backward_ab.default,
+                              (torch.randn_like(y), x2, w, u, lora_a, lora_b, 1.5, 0.0, None, "paper", torch.float32,
+                               [True, True, True, True], stack))
     torch.library.opcheck(torch.ops.condlora_C.draw_seed.default, (x2,), test_utils=("test_schema",
                                                                                     "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_ab_stacks_the_theta_gradients_on_request(device):
+    """stack_theta_grads: [dtheta_a; dtheta_b] in one (2r, d_in) output, bit for bit the two outputs it replaces;
+    refused where one GEMM does not compute both (general mode, or one gradient not asked for)."""
+    problem = make_problem(6, 8, 8, 2, mode="paper", device=device)
+    x, w, b, ta, tb = (t.detach() for t in problem.leaves())
+    x2 = x.reshape(-1, 8)
+    _, lora_a, lora_b = torch.ops.condlora_C.prepare.default(w, ta, tb, torch.float32, "paper")
+    y, u = torch.ops.condlora_C.forward_ab.default(x2, w, b, lora_a, lora_b, 1.5, 0.0, None)
+    args = (torch.randn_like(y), x2, w, u, lora_a, lora_b, 1.5, 0.0, None, "paper", torch.float32)
+    needs = [True, True, True, False]
+    gx, gta, gtb, _ = torch.ops.condlora_C.backward_ab.default(*args, needs)
+    sx, stacked, empty, _ = torch.ops.condlora_C.backward_ab.default(*args, needs, True)
+    assert stacked.shape == (4, 8) and empty.numel() == 0
+    assert torch.equal(stacked, torch.cat([gta, gtb])) and torch.equal(sx, gx)
+    with pytest.raises(ValueError, match="stack_theta_grads needs mode='paper' and both theta gradients"):
+        torch.ops.condlora_C.backward_ab.default(*args, [True, True, False, False], True)
+    with pytest.raises(ValueError, match="stack_theta_grads needs mode='paper'"):
+        torch.ops.condlora_C.backward_ab.default(*args[:-2], "general", torch.float32, needs, True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

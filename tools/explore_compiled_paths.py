@@ -80,8 +80,6 @@ class CandidateFunction(torch.autograd.Function):
         gx, gta, gtb, gb = torch.ops.condlora_C.backward_ab.default(
             grad_y.reshape(-1, w.shape[0]), x2d, w, u, lora_a, lora_b, ctx.scaling, 0.0, None, ctx.mode,
             theta_grad_dtype, [need_x, need_ta, need_tb, need_b and ctx.has_bias])
-        if ctx.mode == "paper" and need_ta and need_tb:  # [dtheta_a; dtheta_b] in one tensor (csrc/condlora.h)
-            gta, gtb = gta.chunk(2)
         return (gx.reshape(ctx.x_shape) if need_x else None, None, gb if need_b and ctx.has_bias else None,
                 gta.to(ctx.theta_dtypes[0]) if need_ta else None, gtb.to(ctx.theta_dtypes[1]) if need_tb else None,
                 None, None, None)

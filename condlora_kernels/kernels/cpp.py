@@ -105,12 +105,13 @@ if _C is not None:
         return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
     @torch.library.register_fake("condlora_C::backward_ab")
-    def _backward_ab_fake(grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode, theta_dtype, needs):
+    def _backward_ab_fake(grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode, theta_dtype, needs,
+                          stack_theta_grads=False):
         need_x, need_theta_a, need_theta_b, need_bias = needs
         d_out, d_in = weight.shape
         r = lora_a.shape[0]
         theta_a_cols = d_in if mode == "paper" else d_out
-        if mode == "paper" and need_theta_a and need_theta_b:  # [dtheta_a; dtheta_b] in one (condlora.h)
+        if stack_theta_grads:  # [dtheta_a; dtheta_b] in one tensor (csrc/condlora.h)
             theta_a_shape, theta_b_shape = (2 * r, d_in), (0,)
         else:
             theta_a_shape = (r, theta_a_cols) if need_theta_a else (0,)

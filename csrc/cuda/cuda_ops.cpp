@@ -225,10 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_ab_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
     const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, const std::string& mode, at::ScalarType theta_dtype,
-    std::array<bool, 4> needs) {
+    std::array<bool, 4> needs, bool stack_theta_grads) {
   const c10::OptionalDeviceGuard guard(cuda_device_of(x));
   return condlora_backward_ab(kCudaKernels, grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode,
-                              theta_dtype, needs);
+                              theta_dtype, needs, stack_theta_grads);
 }
 
 at::Tensor dropout_keep_mask_cuda(const at::Tensor& seed, int64_t n_rows, int64_t n_cols, double dropout_p) {
