@@ -11,8 +11,8 @@
 //     device has the kernel), forward_ab and backward_ab;
 //   - returns the generators' gradients in the generators' own dtype (the engine casts them);
 //   - keeps from forward to backward the weight in x's dtype (prepare's rounding of a float32 master), or, with
-//     recompute_weight_cast, only the master, rounded again in the backward: 2 bytes less per W0 element between
-//     forward and backward, one more pass over W0 in the backward (docs/design.md §4).
+//     recompute_weight_cast or an x that needs no gradient, only the master, rounded again in the backward: 2 bytes
+//     less per W0 element between forward and backward, one more pass over W0 in the backward (docs/design.md §4).
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/enum_tag.h>
@@ -136,8 +136,11 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const std::string mode_name(mode);
     const ForwardResult result = run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode_name);
-    // the master (a parameter, alive anyway) instead of its rounding: the backward rounds it again
-    const at::Tensor& saved_weight = recompute_weight_cast ? weight : result.weight;
+    // The master (a parameter, alive anyway) instead of its rounding, which the backward then rounds again: with
+    // recompute_weight_cast, and where x needs no gradient, whose backward has no dx GEMM to keep the rounding for
+    // (docs/design.md §4: as F.linear keeps no weight for such an input; the first layer after frozen embeddings)
+    const bool keep_master = recompute_weight_cast || !x.requires_grad();
+    const at::Tensor& saved_weight = keep_master ? weight : result.weight;
     ctx->save_for_backward({result.x2d, saved_weight, result.u, result.lora_a, result.lora_b,
                             result.seed.has_value() ? *result.seed : at::Tensor(),
                             x});  // x for dx's shape (its sizes may be symbolic under torch.compile)

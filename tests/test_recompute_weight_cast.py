@@ -82,6 +82,30 @@ def test_no_effect_when_the_weight_is_in_the_compute_dtype(device, backend):
     assert x.grad is not None and layer.generator.theta_b.grad is not None
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("mode,d_in,d_out", [("general", D_IN, D_OUT), ("paper", 40, 40)])
+def test_an_x_that_needs_no_gradient_keeps_the_master(device, backend, mode, d_in, d_out):
+    """Without the setting too, a layer whose x needs no gradient (the first layer after frozen embeddings) keeps
+    the master, not its rounding: no dx GEMM needs it. The generators' gradients are those of the same layer and
+    inputs with an x that needs a gradient, bit for bit."""
+    grads = {}
+    for x_needs_grad in (True, False):
+        layer = make_layer(device, backend, False, mode, d_in, d_out)
+        torch.manual_seed(5)
+        x = torch.randn(37, d_in, device=device, requires_grad=x_needs_grad)
+        y, saved = saved_tensors(layer, x)
+        kept = [t for t in saved if tuple(t.shape) == (d_out, d_in)]
+        if x_needs_grad:
+            assert [t.dtype for t in kept] == [torch.bfloat16]
+        else:
+            assert [t.dtype for t in kept] == [torch.float32]
+            assert kept[0].data_ptr() == layer.weight.data_ptr()  # the parameter itself
+        y.backward(torch.randn(y.shape, device=device, dtype=y.dtype, generator=torch.Generator(device).manual_seed(7)))
+        grads[x_needs_grad] = (y.detach(), layer.generator.theta_a.grad, layer.generator.theta_b.grad)
+    for name, a, b in zip(("y", "dtheta_a", "dtheta_b"), grads[True], grads[False]):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_matches_eager(device):
     """torch.compile traces the op's C++ autograd (inductor on a GPU, aot_eager on the CPU): the backward rounds

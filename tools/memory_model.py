@@ -9,7 +9,7 @@ buffers on those lines, so a compiled step's groups read as "which saved tensor,
 keeps every allocation alive at the peak (size, line), for a diff between providers.
 
     python tools/memory_model.py [--model roberta-base] [--mode compile] [--providers frozen peft_lora
-                                 "condlora[cuda]"] [--steps 3] [--top 12] [--json OUT]
+                                 "condlora[cuda]"] [--steps 3] [--top 12] [--json OUT] [--trace-first]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _where(frames: list) -> str:
     return "(no Python frame)"
 
 
-def measure(provider: str, base, case, mode: str, steps: int, top: int) -> dict:
+def measure(provider: str, base, case, mode: str, steps: int, top: int, trace_first: bool = False) -> dict:
     device = torch.device("cuda")
     gc.collect()
     torch.cuda.empty_cache()
@@ -65,7 +65,20 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     step, _ = bench_model.prepare_point(base, case, "bf16", mode, provider, device)
+    if trace_first:  # the first step: compilation (and Inductor's autotuning, on a cold cache) included
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     step()
+    first_step_groups = None
+    if trace_first:
+        torch.cuda.synchronize()
+        first_snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        _, groups_first, _ = live_at_peak(first_snapshot)
+        first_step_groups = sorted(groups_first.items(), key=lambda item: -item[1])[:top]
+        print(f"\n{provider}: first step's peak {(torch.cuda.max_memory_allocated() - before) / MiB:.1f} MiB; "
+              "alive at its traced peak, by allocating line:")
+        for where, size in first_step_groups:
+            print(f"  {size / MiB:9.2f} MiB  {where}")
     step()
     torch.cuda.synchronize()
     first = torch.cuda.max_memory_allocated() - before
@@ -90,6 +103,7 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int) -> dict:
     return {"provider": provider, "first_peak_mib": first / MiB, "steady_peak_mib": steady / MiB,
             "between_steps_mib": start / MiB, "traced_peak_mib": traced_peak / MiB,
             "alive_at_peak": [[w, s / MiB] for w, s in largest],
+            "alive_at_first_step_peak": first_step_groups and [[w, s / MiB] for w, s in first_step_groups],
             "every_allocation_at_peak": [[size, where] for size, where in alive]}
 
 
@@ -101,10 +115,12 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--trace-first", action="store_true",
+                        help="also trace the first step (compilation included) and list what is alive at its peak")
     args = parser.parse_args()
     case = CASES[args.model]
     base = bench_model.build_model(case, torch.device("cuda"))
-    rows = [measure(p, base, case, args.mode, args.steps, args.top) for p in args.providers]
+    rows = [measure(p, base, case, args.mode, args.steps, args.top, args.trace_first) for p in args.providers]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": case.name,

@@ -9,8 +9,8 @@ Two routes, one contract (docs/design.md §4):
     whose backward is each backend's hand-written implementation of the chain rule of docs/design.md §2.
 The dropout mask is not stored: it is a function of a seed drawn from torch's RNG on x's device (so
 `torch.manual_seed` reproduces it) and of the element's index, regenerated in the backward (docs/design.md §3).
-With `recompute_weight_cast`, neither is the rounding of a float32 master W0 to the compute dtype: the backward
-rounds the master again (docs/design.md §4).
+With `recompute_weight_cast`, or for an x that needs no gradient, neither is the rounding of a float32 master W0 to
+the compute dtype: the backward rounds the master again (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -119,7 +119,10 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     dtype = x.dtype
     weight, bias, theta_a, theta_b = (_to(t, dtype) for t in (weight, bias, theta_a, theta_b))
     half = dtype in (torch.float16, torch.bfloat16)
-    master = stored if recompute_weight_cast and half and stored.dtype == torch.float32 else None
+    # the master instead of its rounding where keeping the rounding is not worth it: x needing no gradient has no
+    # dx GEMM in the backward (docs/design.md §4; the same rule as the C++ op's, csrc/linear.cpp)
+    keep_master = recompute_weight_cast or not x.requires_grad
+    master = stored if keep_master and half and stored.dtype == torch.float32 else None
     seed = draw_seed(x) if dropout_p > 0.0 else None
     args = (x, weight, bias, theta_a, theta_b, float(scaling), float(dropout_p), seed, mode, chosen.name, master)
     if not autocast_on(x.device.type):  # meta tensors, say: a device type autocast does not know
