@@ -46,7 +46,9 @@ class CondLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2d, weight, theta_a, theta_b, u, lora_a, lora_b, seed = ctx.saved_tensors
-        weight = _to(weight, x2d.dtype)  # a master kept by recompute_weight_cast, rounded again
+        # a master kept instead of its rounding, rounded again (under torch.compile, Inductor's partitioner may
+        # keep the forward's rounding instead: README, Known limitations)
+        weight = _to(weight, x2d.dtype)
         need_x, _, need_b, need_ta, need_tb = ctx.needs_input_grad[:5]
         grads = BACKENDS[ctx.backend_name].backward(
             grad_y.reshape(-1, weight.shape[0]), x2d, weight, theta_a, theta_b, u, lora_a, lora_b,
