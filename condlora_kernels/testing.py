@@ -152,3 +152,45 @@ def backend_vs_reference(backend, problem: Problem, dropout_p: float = 0.0,
         if need:
             results.append(check_close(getattr(grads, k), getattr(ref_g, k), getattr(base_g, k), k))
     return results
+
+
+class _PartitionSeen(Exception):
+    pass
+
+
+def compiled_saved_tensors(run) -> list:
+    """What a step compiled by Inductor keeps from forward to backward, as its partitioner decides it, without
+    compiling a kernel: `run()` must make torch.compile (inductor) compile a forward with a backward (its first
+    call); Inductor's partition function is wrapped, the backward graph's inputs are recorded and the compilation
+    stops there (the exception is swallowed). Returns [(shape, stride, dtype, is_input)] of the saved tensors,
+    is_input True for a graph input saved as it is (a parameter: no memory of its own). The partition works on the
+    traced graph, so CPU tensors give what a GPU run at the same shapes saves (tools/saved_tensors.py, docs/design.md
+    §7)."""
+    import torch._inductor.compile_fx as compile_fx
+
+    saved = []
+    partition = compile_fx.min_cut_rematerialization_partition
+
+    def recording_partition(joint, *args, **kwargs):
+        forward, backward = partition(joint, *args, **kwargs)
+        inputs = {node.name for node in forward.graph.nodes if node.op == "placeholder"}
+        for node in backward.graph.nodes:
+            value = node.meta.get("val")
+            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(value, torch.Tensor):
+                saved.append((tuple(value.shape), tuple(value.stride()), value.dtype, node.name in inputs))
+        raise _PartitionSeen
+
+    compile_fx.min_cut_rematerialization_partition = recording_partition
+    try:
+        run()
+    except Exception as exc:  # torch.compile wraps the backend's exception
+        chain, seen = exc, False
+        while chain is not None and not seen:
+            seen = isinstance(chain, _PartitionSeen)
+            chain = chain.__cause__ or chain.__context__
+        if not seen:
+            raise
+    finally:
+        compile_fx.min_cut_rematerialization_partition = partition
+        torch._dynamo.reset()
+    return saved

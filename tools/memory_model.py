@@ -10,6 +10,7 @@ keeps every allocation alive at the peak (size, line), for a diff between provid
 
     python tools/memory_model.py [--model roberta-base] [--mode compile] [--providers frozen peft_lora
                                  "condlora[cuda]"] [--steps 3] [--top 12] [--json OUT] [--trace-first]
+                                 [--code-dir DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import argparse
 import gc
 import json
 import linecache
+import os
+import shutil
 from collections import defaultdict
 
 import torch
@@ -30,9 +33,11 @@ MiB = 2 ** 20
 
 
 def live_at_peak(snapshot: dict) -> tuple:
-    """(peak bytes above the trace's start, {allocating line: bytes alive at that peak}), from the trace of the
-    device's allocations and frees; allocations made before the trace started are not in it."""
-    live, total, peak, at_peak = {}, 0, 0, {}
+    """(peak bytes above the trace's start, {allocating line: bytes alive at that peak}, [(size, line)] of every
+    allocation alive at it, the allocation that reached it (its line: the instant of the peak), the Inductor output
+    files those lines are in), from the trace of the device's allocations and frees; allocations made before the
+    trace started are not in it."""
+    live, total, peak, at_peak, peak_event = {}, 0, 0, {}, None
     for event in snapshot["device_traces"][0]:
         if event["action"] == "alloc":
             live[event["addr"]] = event
@@ -40,11 +45,15 @@ def live_at_peak(snapshot: dict) -> tuple:
         elif event["action"] == "free_completed" and event["addr"] in live:
             total -= live.pop(event["addr"])["size"]
         if total > peak:
-            peak, at_peak = total, dict(live)
+            peak, at_peak, peak_event = total, dict(live), event
     groups = defaultdict(int)
     for event in at_peak.values():
         groups[_where(event.get("frames", []))] += event["size"]
-    return peak, groups, sorted((event["size"], _where(event.get("frames", []))) for event in at_peak.values())
+    code_files = {frame["filename"] for event in at_peak.values() for frame in event.get("frames", [])
+                  if "torchinductor" in frame["filename"]}
+    reached_at = _where(peak_event.get("frames", [])) if peak_event else None
+    return (peak, groups, sorted((event["size"], _where(event.get("frames", []))) for event in at_peak.values()),
+            reached_at, sorted(code_files))
 
 
 def _where(frames: list) -> str:
@@ -57,7 +66,8 @@ def _where(frames: list) -> str:
     return "(no Python frame)"
 
 
-def measure(provider: str, base, case, mode: str, steps: int, top: int, trace_first: bool = False) -> dict:
+def measure(provider: str, base, case, mode: str, steps: int, top: int, trace_first: bool = False,
+            code_dir: str = None) -> dict:
     device = torch.device("cuda")
     gc.collect()
     torch.cuda.empty_cache()
@@ -73,7 +83,7 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int, trace_fi
         torch.cuda.synchronize()
         first_snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        _, groups_first, _ = live_at_peak(first_snapshot)
+        _, groups_first, _, _, _ = live_at_peak(first_snapshot)
         first_step_groups = sorted(groups_first.items(), key=lambda item: -item[1])[:top]
         print(f"\n{provider}: first step's peak {(torch.cuda.max_memory_allocated() - before) / MiB:.1f} MiB; "
               "alive at its traced peak, by allocating line:")
@@ -91,9 +101,14 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int, trace_fi
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     steady = torch.cuda.max_memory_allocated() - before
-    traced_peak, groups, alive = live_at_peak(snapshot)
+    traced_peak, groups, alive, reached_at, code_files = live_at_peak(snapshot)
+    if code_dir:  # Inductor's generated code of the step: which buffer is which, and when each is freed
+        os.makedirs(code_dir, exist_ok=True)
+        for path in code_files:
+            shutil.copy(path, os.path.join(code_dir, f"{provider}_{os.path.basename(path)}"))
     largest = sorted(groups.items(), key=lambda item: -item[1])[:top]
-    print(f"\n{provider} ({case.name}, {mode}): first steps' peak {first / MiB:.1f} MiB, steady peak "
+    print(f"\n{provider}: the steady peak is reached at {reached_at}")
+    print(f"{provider} ({case.name}, {mode}): first steps' peak {first / MiB:.1f} MiB, steady peak "
           f"{steady / MiB:.1f} MiB (allocated between steps {start / MiB:.1f}, traced peak above it "
           f"{traced_peak / MiB:.1f}); alive at the steady peak, by allocating line:")
     for where, size in largest:
@@ -102,6 +117,7 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int, trace_fi
     torch._dynamo.reset()
     return {"provider": provider, "first_peak_mib": first / MiB, "steady_peak_mib": steady / MiB,
             "between_steps_mib": start / MiB, "traced_peak_mib": traced_peak / MiB,
+            "peak_reached_at": reached_at, "code_files": [os.path.basename(path) for path in code_files],
             "alive_at_peak": [[w, s / MiB] for w, s in largest],
             "alive_at_first_step_peak": first_step_groups and [[w, s / MiB] for w, s in first_step_groups],
             "every_allocation_at_peak": [[size, where] for size, where in alive]}
@@ -115,12 +131,14 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--code-dir", help="copy Inductor's generated code named in the trace here, per provider")
     parser.add_argument("--trace-first", action="store_true",
                         help="also trace the first step (compilation included) and list what is alive at its peak")
     args = parser.parse_args()
     case = CASES[args.model]
     base = bench_model.build_model(case, torch.device("cuda"))
-    rows = [measure(p, base, case, args.mode, args.steps, args.top, args.trace_first) for p in args.providers]
+    rows = [measure(p, base, case, args.mode, args.steps, args.top, args.trace_first, args.code_dir)
+            for p in args.providers]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": case.name,

@@ -1,9 +1,9 @@
 """Exploration (issue #11): what a compiled model-level training step saves from forward to backward, per provider,
 as Inductor's partitioner decides it, without a GPU and without compiling any kernel.
 
-The step is the bench's (condlora_kernels/bench/model.py, bf16 autocast, mode "compile"); Inductor's partition
-function is wrapped so that the backward graph's inputs (the saved tensors) are listed by shape, stride and dtype,
-and the compilation stops there. The partitioner works on the traced graph, not on the device's kernels, so CPU
+The step is the bench's (condlora_kernels/bench/model.py, bf16 autocast, mode "compile");
+`condlora_kernels.testing.compiled_saved_tensors` wraps Inductor's partition function, lists the backward graph's
+inputs (the saved tensors) by shape, stride and dtype, and stops the compilation there. The partitioner works on the traced graph, not on the device's kernels, so CPU
 tensors give the same saved set as the GPU run at the same shapes (use condlora[cpu] for the extension's op on the
 CPU). benchmarks/NOTES.md, eleventh session: PEFT LoRA's and condlora's sets for RoBERTa-base at 16 x 512 differed
 in two bf16 copies of W0, which found the rule of docs/design.md §4 for an x that needs no gradient.
@@ -19,50 +19,18 @@ import dataclasses
 import math
 
 import torch
-import torch._inductor.compile_fx as compile_fx
 
 from condlora_kernels.bench import model as bench_model
 from condlora_kernels.bench.shapes import MODEL_CASES
-
-
-class _PartitionSeen(Exception):
-    pass
+from condlora_kernels.testing import compiled_saved_tensors
 
 
 def saved_set(provider: str, case, device: torch.device) -> collections.Counter:
     """{(shape, stride, dtype, is_input): count} of the tensors the compiled step's forward saves for its backward;
     is_input: a graph input saved as it is (a parameter or the batch: no memory of its own)."""
-    seen = collections.Counter()
-    partition = compile_fx.min_cut_rematerialization_partition
-
-    def recording_partition(joint, *args, **kwargs):
-        forward, backward = partition(joint, *args, **kwargs)
-        inputs = {node.name for node in forward.graph.nodes if node.op == "placeholder"}
-        for node in backward.graph.nodes:
-            value = node.meta.get("val")
-            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(value, torch.Tensor):
-                seen[(tuple(value.shape), tuple(value.stride()), value.dtype, node.name in inputs)] += 1
-        raise _PartitionSeen
-
-    compile_fx.min_cut_rematerialization_partition = recording_partition
-    try:
-        base = bench_model.build_model(case, device)
-        step, _ = bench_model.prepare_point(base, case, "bf16", "compile", provider, device)
-        try:
-            step()
-        except Exception as exc:  # Dynamo wraps the backend's exception
-            if not any(isinstance(e, _PartitionSeen) for e in _chain(exc)):
-                raise
-    finally:
-        compile_fx.min_cut_rematerialization_partition = partition
-        torch._dynamo.reset()
-    return seen
-
-
-def _chain(exc: BaseException):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+    base = bench_model.build_model(case, device)
+    step, _ = bench_model.prepare_point(base, case, "bf16", "compile", provider, device)
+    return collections.Counter(compiled_saved_tensors(step))
 
 
 def mib(key) -> float:
