@@ -257,6 +257,25 @@ def test_failure_half_way_through_is_undone(monkeypatch):
     assert sorted(model.condlora_generators) == ["query"]
 
 
+@pytest.mark.parametrize("container", [nn.Sequential, nn.ModuleList])
+def test_a_sequence_root_is_refused_before_any_change(container):
+    """The generators live at the root as one more child: an nn.Sequential would call it as a layer. Refused with
+    what to do, the model unchanged."""
+    layers = [nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)]
+    model = nn.Sequential(*layers) if container is nn.Sequential else nn.ModuleList(layers)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=rf"model is an nn.{container.__name__}: .*wrap it in a module of your own"):
+        apply_condlora(model, ["0", "2"], r=2, backend="reference")
+    assert len(model) == 3 and not hasattr(model, "condlora_generators")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    wrapped = nn.Module()
+    wrapped.net = model
+    apply_condlora(wrapped, ["net.0", "net.2"], r=2, backend="reference")
+    assert len(model) == 3 and isinstance(model[0], FusedCondLoRALinear)
+    if container is nn.Sequential:
+        assert model(torch.randn(3, 8)).shape == (3, 8)  # still runs, its layers adapted
+
+
 def test_multihead_attention_out_proj_is_refused():
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "proj": nn.Linear(8, 8)})
     with pytest.raises(ValueError, match="MultiheadAttention"):

@@ -228,6 +228,13 @@ def _plan_apply(model: nn.Module, target_modules, r, alpha, dropout, mode, modul
     to_save = _check_modules_to_save(modules_to_save)
     if isinstance(model, FusedCondLoRALinear) or not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module containing nn.Linear layers, got {type(model).__name__}")
+    if isinstance(model, (nn.Sequential, nn.ModuleList)):
+        # the generators live at the root as one more child, which a sequence takes as one of its items (an
+        # nn.Sequential would call it as a layer)
+        raise TypeError(
+            f"model is an nn.{type(model).__name__}: CondLoRA keeps the shared generators at the model root "
+            f"(model.{GENERATORS_ATTR}), which would become one of its items; wrap it in a module of your own "
+            "that holds it as an attribute and calls it in forward, and apply CondLoRA to that module")
     store = model._modules.get(GENERATORS_ATTR)
     if hasattr(model, GENERATORS_ATTR) and not isinstance(store, nn.ModuleDict):
         raise ValueError(f"the model has an attribute {GENERATORS_ATTR!r} that is not CondLoRA's generator "
