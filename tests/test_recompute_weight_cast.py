@@ -116,18 +116,21 @@ def test_an_x_that_needs_no_gradient_keeps_the_master(device, backend, mode, d_i
         assert torch.equal(a, b), name
 
 
-def test_compiled_step_keeps_the_master_where_x_needs_no_gradient():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compiled_step_keeps_the_master_where_x_needs_no_gradient(backend):
     """What Inductor's partitioner keeps from forward to backward (the partition only, on CPU tensors: it is the
-    GPU run's at the same shapes): of two stacked layers on the extension's op, the first, whose input needs no
-    gradient, keeps its float32 W0 itself, the second the bf16 rounding; with recompute_weight_cast both keep the
-    float32 W0. PEFT LoRA's F.linear keeps no weight for the first (benchmarks/NOTES.md, eleventh session)."""
-    if available_backends("cpu", torch.bfloat16)["cpu"] is not None:
-        pytest.skip(available_backends("cpu", torch.bfloat16)["cpu"])
+    GPU run's at the same shapes): of two stacked layers, the first, whose input needs no gradient, keeps its
+    float32 W0 itself, the second the bf16 rounding; with recompute_weight_cast both keep the float32 W0. PEFT
+    LoRA's F.linear keeps no weight for the first (benchmarks/NOTES.md, eleventh session). Both routes: the
+    extension's op (cpu) and the Python autograd Function (reference, as triton), whose backward rounds the master
+    through an op the compiler cannot merge with the forward's rounding."""
+    if available_backends("cpu", torch.bfloat16)[backend] is not None:
+        pytest.skip(available_backends("cpu", torch.bfloat16)[backend])
     for recompute in (False, True):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = TwoLayers(24)
-        apply_condlora(model, ["first", "second"], r=2, backend="cpu")
+        apply_condlora(model, ["first", "second"], r=2, backend=backend)
         set_recompute_weight_cast(model, recompute)
         x = torch.randn(5, 24)  # needs no gradient: the first layer has no dx to compute
         compiled = torch.compile(model)
@@ -143,11 +146,12 @@ def test_compiled_step_keeps_the_master_where_x_needs_no_gradient():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_compiled_matches_eager(device):
-    """torch.compile traces the op's C++ autograd (inductor on a GPU, aot_eager on the CPU): the backward rounds
-    the master there too, and the step gives the eager default's results."""
-    backend = "cuda" if device == "cuda" else "cpu"
+@pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES
+                                            for b in (["cuda", "triton"] if d == "cuda" else ["cpu", "reference"])])
+def test_compiled_matches_eager(device, backend):
+    """torch.compile traces the layer's autograd (the op's in C++, or the Python Function; inductor on a GPU,
+    aot_eager on the CPU): the backward rounds the master there too, and the step gives the eager default's
+    results."""
     if available_backends(device, torch.bfloat16)[backend] is not None:
         pytest.skip(available_backends(device, torch.bfloat16)[backend])
     torch._dynamo.reset()
@@ -218,3 +222,14 @@ def test_model_setting_and_argument_checks():
     with pytest.raises(TypeError, match="recompute_weight_cast must be a bool, got 1 of type int"):
         condlora_linear(torch.randn(2, 8), layer.weight, layer.bias, layer.generator.theta_a,
                         layer.generator.theta_b, 1.0, recompute_weight_cast=1)
+
+
+def test_the_backward_rounding_op_passes_opcheck():
+    """condlora::round_master_in_backward, which the Python route's backward uses under torch.compile: its fake
+    implementation matches it (shapes, strides, dtype) for a contiguous and a transposed master."""
+    from condlora_kernels.ops.condlora_linear import round_master_in_backward
+
+    grad_y = torch.randn(3, 6)
+    for master in (torch.randn(6, 5), torch.randn(5, 6).t()):
+        torch.library.opcheck(round_master_in_backward, (master, grad_y, torch.bfloat16))
+        assert torch.equal(round_master_in_backward(master, grad_y, torch.bfloat16), master.to(torch.bfloat16))

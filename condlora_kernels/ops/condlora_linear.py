@@ -46,9 +46,9 @@ class CondLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2d, weight, theta_a, theta_b, u, lora_a, lora_b, seed = ctx.saved_tensors
-        # a master kept instead of its rounding, rounded again (under torch.compile, Inductor's partitioner may
-        # keep the forward's rounding instead: README, Known limitations)
-        weight = _to(weight, x2d.dtype)
+        if weight.dtype != x2d.dtype:  # a master kept instead of its rounding: rounded again, as the forward did
+            weight = (round_master_in_backward(weight, grad_y, x2d.dtype) if torch.compiler.is_compiling()
+                      else weight.to(x2d.dtype))
         need_x, _, need_b, need_ta, need_tb = ctx.needs_input_grad[:5]
         grads = BACKENDS[ctx.backend_name].backward(
             grad_y.reshape(-1, weight.shape[0]), x2d, weight, theta_a, theta_b, u, lora_a, lora_b,
@@ -56,6 +56,20 @@ class CondLoRALinearFunction(torch.autograd.Function):
         grad_x = grads.grad_x.reshape(ctx.x_shape) if need_x else None
         return (grad_x, None, grads.grad_bias if need_b else None, grads.grad_theta_a if need_ta else None,
                 grads.grad_theta_b if need_tb else None, None, None, None, None, None, None)
+
+
+@torch.library.custom_op("condlora::round_master_in_backward", mutates_args=())
+def round_master_in_backward(master: torch.Tensor, grad_y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """master.to(dtype), for the backward of a compiled step. Traced as a plain cast, it would be merged with the
+    forward's identical rounding, and Inductor's partitioner would then keep that rounding from forward to backward,
+    the copy the master was kept instead of. As an opaque op that reads grad_y (only to be ordered after it), it
+    stays in the backward and the partitioner keeps the master."""
+    return master.to(dtype, copy=True)  # an op's output may not alias its input
+
+
+@round_master_in_backward.register_fake
+def _(master, grad_y, dtype):
+    return torch.empty_like(master, dtype=dtype)  # the strides .to keeps
 
 
 def _autocast_inputs(x, weight, bias):
