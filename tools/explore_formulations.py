@@ -19,10 +19,9 @@ Formulations:
   frozen_first  as lowrank, the frozen GEMM first (with the bias in its epilogue; dx = dy W0 with beta = 0), the
                 rank-r GEMM adding onto it with beta = 1 (at 8192 x 768^2 cuBLAS ran the frozen GEMM with beta = 1
                 in 17 us against 7-8 us with beta = 0: benchmarks/NOTES.md, eighth session)
-  stacked       as lowrank, W0 and A rounded into one (d_out + r, d_in) buffer: one GEMM gives [x W0^T + b | u]
-                (x read once, one launch fewer; its N dimension d_out + r may add a tile column), then y += s u B^T
-(fold, fold_wgrad, lowrank, frozen_first and stacked are Python prototypes of formulations; benchmarks/NOTES.md has
-what they measured; stacked, tenth session, not measured yet.)
+(fold, fold_wgrad, lowrank and frozen_first are Python prototypes of formulations; benchmarks/NOTES.md has what
+they measured. A `stacked` prototype, W0 and A in one buffer so that one GEMM gives [x W0^T + b | u], measured
+4-9% slower than lowrank in the eleventh session and was removed; it is in git history.)
 """
 
 from __future__ import annotations
@@ -123,37 +122,6 @@ def lowrank_backward(x, dy, weight, wh, ah, bh, u, s, paper, frozen_first):
     return dx.view(x.shape), dta, dtb
 
 
-class Stacked(torch.autograd.Function):
-    """As lowrank, with W0 and A in one (d_out + r, d_in) buffer (the rounding of W0 and A written there, as a
-    prepare would): one GEMM gives [x W0^T + b | u], reading x once, then y += s u B^T (beta = 1) on the strided
-    view. y is returned as that view (row stride d_out + r). The backward is lowrank's."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, theta_a, theta_b, s, paper):
-        a, b = gen(weight, theta_a, theta_b, paper)
-        d_out, r = weight.shape[0], a.shape[0]
-        stacked = torch.empty(d_out + r, weight.shape[1], device=x.device, dtype=x.dtype)
-        stacked[:d_out].copy_(weight)
-        stacked[d_out:].copy_(a)
-        bias_ext = torch.zeros(d_out + r, device=x.device, dtype=x.dtype)
-        bias_ext[:d_out].copy_(bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        out = torch.addmm(bias_ext, x2, stacked.t())  # (N, d_out + r) = [x W0^T + b | u]
-        y, u = out[:, :d_out], out[:, d_out:]
-        bh = b.to(x.dtype)
-        y.addmm_(u, bh.t(), alpha=s)
-        ctx.save_for_backward(x, weight, stacked, bh, u)
-        ctx.s, ctx.paper, ctx.d_out = s, paper, d_out
-        return y.view(*x.shape[:-1], d_out)  # splitting the rows needs no copy
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, stacked, bh, u = ctx.saved_tensors
-        wh, ah = stacked[:ctx.d_out], stacked[ctx.d_out:]
-        dx, dta, dtb = lowrank_backward(x, dy, weight, wh, ah, bh, u, ctx.s, ctx.paper, frozen_first=False)
-        return dx, None, None, dta, dtb, None, None
-
-
 def make(name, n, d_in, d_out, r, device):
     g = torch.Generator(device=device).manual_seed(0)
     paper = d_in == d_out
@@ -188,8 +156,6 @@ def make(name, n, d_in, d_out, r, device):
         wrt = [x, ta, tb]
     elif name in ("lowrank", "frozen_first"):
         f, wrt = (lambda: LowRank.apply(x, w, b, ta, tb, s, paper, name == "frozen_first")), [x, ta, tb]
-    elif name == "stacked":
-        f, wrt = (lambda: Stacked.apply(x, w, b, ta, tb, s, paper)), [x, ta, tb]
     else:
         raise ValueError(name)
 
