@@ -6,7 +6,8 @@ Input: the Python module Inductor generates for a graph (its `call()`), e.g. the
 `empty_strided_*` buffers; extern kernels' outputs (sized by the `assert_tensor_metadata` that follows them, allocated
 at the call); storage reuses (`bufM = ...; del bufN  # reuse`) as renames; `del` as frees. Graph inputs are not
 counted (allocated before the call), so the figure is the graph's own allocations. Unlike a trace of the allocator,
-this names each alive buffer by its role (the op that made it) at the instant of the peak.
+this names each alive buffer by its role (the op that made it) at the instant of the peak, and lists the buffers
+that are dead there but kept allocated for a later buffer that takes their storage.
 
     python tools/inductor_liveness.py FORWARD_FILE [OTHER_FORWARD_FILE]
 
@@ -24,6 +25,10 @@ import re
 
 ITEMSIZE = {"torch.bfloat16": 2, "torch.float16": 2, "torch.float32": 4, "torch.float64": 8, "torch.int64": 8,
             "torch.int32": 4, "torch.int8": 1, "torch.uint8": 1, "torch.bool": 1}
+
+
+# the dtype taken for an output whose check prints none (assert_size_stride): the autocast compute dtype
+ASSUMED_DTYPE = "torch.bfloat16"
 
 
 def _ints(text: str) -> tuple:
@@ -55,11 +60,16 @@ def peak_of(path: str) -> tuple:
         if m:
             size[m.group(1)] = _storage_bytes(_ints(m.group(2)), _ints(m.group(3)), m.group(4))
             kind[m.group(1)] = f"{m.group(2)} {m.group(4)} [{m.group(5).split('.')[-2]}]"
+        # older torch (2.11) checks an extern kernel's outputs with assert_size_stride, which prints no dtype
+        m = re.match(r"assert_size_stride\((buf\d+), (\([^)]*\)), (\([^)]*\)), '([^']*)'", line)
+        if m and m.group(1) not in size:
+            size[m.group(1)] = _storage_bytes(_ints(m.group(2)), _ints(m.group(3)), ASSUMED_DTYPE)
+            kind[m.group(1)] = f"{m.group(2)} {ASSUMED_DTYPE}? [{m.group(4).split('.')[-2]}]"
     outputs = collections.defaultdict(list)
     for child, call in parent.items():
         outputs[call].append(child)
-    alive, total, peak, at_peak, peak_line = {}, 0, 0, {}, ""
-    for line in lines:
+    alive, total, peak, at_peak, peak_line, peak_index = {}, 0, 0, {}, "", 0
+    for index, line in enumerate(lines):
         m = re.match(r"(buf\d+) = empty_strided_\w+\((\([^)]*\)), (\([^)]*\)), (torch\.\w+)\)", line)
         if m:
             alive[m.group(1)] = (_storage_bytes(_ints(m.group(2)), _ints(m.group(3)), m.group(4)),
@@ -80,8 +90,24 @@ def peak_of(path: str) -> tuple:
             if name in alive:
                 total -= alive.pop(name)[0]
         if total > peak:
-            peak, at_peak, peak_line = total, dict(alive), line
-    return peak, at_peak, peak_line
+            peak, at_peak, peak_line, peak_index = total, dict(alive), line, index
+    return peak, at_peak, peak_line, _held_for_reuse(lines, peak_index, at_peak)
+
+
+def _held_for_reuse(lines: list, peak_index: int, at_peak: dict) -> list:
+    """[(buffer, bytes, the line that takes its storage)] for the buffers alive at the peak whose next mention after
+    it is a later buffer taking their storage (`bufM = ...(bufN...); del bufN  # reuse`): dead, but kept allocated
+    across the peak for that reuse, by Inductor's buffer reuse (its peak estimate decides; benchmarks/NOTES.md,
+    twelfth session)."""
+    held = []
+    for name, (nbytes, _) in at_peak.items():
+        pattern = re.compile(rf"\b{name}\b")
+        for line in lines[peak_index + 1:]:
+            if pattern.search(line):
+                if line.endswith("# reuse") and f"del {name}" in line:
+                    held.append((name, nbytes, line))
+                break
+    return held
 
 
 def main() -> None:
@@ -91,12 +117,14 @@ def main() -> None:
     args = parser.parse_args()
     kinds = []
     for path in args.files:
-        peak, alive, line = peak_of(path)
+        peak, alive, line, held = peak_of(path)
         counts = collections.Counter(alive.values())
         kinds.append(counts)
         print(f"{path}: peak {peak / 2 ** 20:.2f} MiB, reached at: {line[:110]}")
         for (nbytes, what), n in sorted(counts.items(), key=lambda item: -item[0][0] * item[1])[:args.top]:
             print(f"  {n:4d} x {nbytes / 2 ** 20:8.3f} MiB  {what}")
+        for name, nbytes, reuse in held:
+            print(f"  dead at the peak, kept for a later reuse: {name} ({nbytes / 2 ** 20:.3f} MiB), then {reuse[:90]}")
     if len(kinds) == 2:
         a, b = kinds
         print("\nalive at the peak, second file against the first:")

@@ -105,7 +105,9 @@ def measure(provider: str, base, case, mode: str, steps: int, top: int, trace_fi
     if code_dir:  # Inductor's generated code of the step: which buffer is which, and when each is freed
         os.makedirs(code_dir, exist_ok=True)
         for path in code_files:
-            shutil.copy(path, os.path.join(code_dir, f"{provider}_{os.path.basename(path)}"))
+            # a plain file name ("condlora[cuda]" -> "condlora_cuda_"): the device tool returns no other
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in provider)
+            shutil.copy(path, os.path.join(code_dir, f"{safe}_{os.path.basename(path)}"))
     largest = sorted(groups.items(), key=lambda item: -item[1])[:top]
     print(f"\n{provider}: the steady peak is reached at {reached_at}")
     print(f"{provider} ({case.name}, {mode}): first steps' peak {first / MiB:.1f} MiB, steady peak "
