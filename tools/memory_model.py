@@ -10,7 +10,7 @@ keeps every allocation alive at the peak (size, line), for a diff between provid
 
     python tools/memory_model.py [--model roberta-base] [--mode compile] [--providers frozen peft_lora
                                  "condlora[cuda]"] [--steps 3] [--top 12] [--json OUT] [--trace-first]
-                                 [--code-dir DIR] [--inductor-config allow_buffer_reuse=False]
+                                 [--code-dir DIR]
 """
 
 from __future__ import annotations
@@ -136,16 +136,7 @@ def main():
     parser.add_argument("--code-dir", help="copy Inductor's generated code named in the trace here, per provider")
     parser.add_argument("--trace-first", action="store_true",
                         help="also trace the first step (compilation included) and list what is alive at its peak")
-    parser.add_argument("--inductor-config", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="set torch._inductor.config entries for every provider (e.g. allow_buffer_reuse=False)")
     args = parser.parse_args()
-    import ast
-
-    import torch._inductor.config as inductor_config
-
-    for item in args.inductor_config:
-        key, value = item.split("=", 1)
-        setattr(inductor_config, key, ast.literal_eval(value))
     case = CASES[args.model]
     base = bench_model.build_model(case, torch.device("cuda"))
     rows = [measure(p, base, case, args.mode, args.steps, args.top, args.trace_first, args.code_dir)
@@ -153,7 +144,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": case.name,
-                       "mode": args.mode, "inductor_config": args.inductor_config, "rows": rows}, f, indent=1)
+                       "mode": args.mode, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
