@@ -119,7 +119,9 @@ def main() -> None:
     for path in args.files:
         peak, alive, line, held = peak_of(path)
         counts = collections.Counter(alive.values())
-        kinds.append(counts)
+        # the difference compares shapes and dtypes, whichever op made the buffer (an extern output's "[op]" and an
+        # assumed dtype's "?" dropped), so that one op's output and another's same-sized buffer count as one kind
+        kinds.append(collections.Counter((nbytes, what.split(" [")[0].rstrip("?")) for nbytes, what in alive.values()))
         print(f"{path}: peak {peak / 2 ** 20:.2f} MiB, reached at: {line[:110]}")
         for (nbytes, what), n in sorted(counts.items(), key=lambda item: -item[0][0] * item[1])[:args.top]:
             print(f"  {n:4d} x {nbytes / 2 ** 20:8.3f} MiB  {what}")
