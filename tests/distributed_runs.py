@@ -8,6 +8,8 @@ import warnings
 
 import torch
 
+from condlora_kernels.finetune.parallel import init_process_group  # safe to destroy (see there)
+
 
 def _worker(rank, run_config, names, world_size, output_dir):
     torch.set_num_threads(1)
@@ -15,8 +17,8 @@ def _worker(rank, run_config, names, world_size, output_dir):
     # the environment torchrun would set (accelerate and the Trainer read it); the group meets in a file, no port
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))
-    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(output_dir, "store"), rank=rank,
-                                         world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    init_process_group("gloo", init_method="file://" + os.path.join(output_dir, "store"), rank=rank,
+                       world_size=world_size, timeout=datetime.timedelta(seconds=120))
     results = {name: run_config(name, rank, output_dir) for name in names}
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -62,6 +62,7 @@ from condlora_kernels import condlora_generators, shard_condlora_model
 from condlora_kernels.bench.model import attach, build_model, make_batch
 from condlora_kernels.bench.report import environment
 from condlora_kernels.bench.shapes import LLAMA_2L, LLAMA_TINY, ROBERTA_BASE, ROBERTA_TINY
+from condlora_kernels.finetune.parallel import init_process_group
 
 CASES = {("roberta", False): ROBERTA_BASE, ("roberta", True): ROBERTA_TINY,
          ("llama", False): LLAMA_2L, ("llama", True): LLAMA_TINY}
@@ -114,10 +115,10 @@ def start(device_type: str) -> World:
         device = torch.device("cpu")
     backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), datetime.timedelta(minutes=20)
     if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        init_process_group(backend, timeout=timeout)
     else:  # plain `python tools/multigpu.py`: a group of one (FSDP2 needs a group)
         store = os.path.join(tempfile.mkdtemp(prefix="multigpu-"), "store")
-        dist.init_process_group(backend, init_method="file://" + store, rank=0, world_size=1, timeout=timeout)
+        init_process_group(backend, init_method="file://" + store, rank=0, world_size=1, timeout=timeout)
     return World(rank, size, device)
 
 

@@ -73,8 +73,19 @@ def start(processes: Processes, device: torch.device) -> None:
     if processes.distributed and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group, made safe to destroy. torch.distributed.nn binds the default group (group.WORLD) as
+    its functions' default argument when it is first imported; imported after the group exists (DDP's constructor
+    imports it, through torch._dynamo), it keeps that group alive for the life of the process, and
+    destroy_process_group cannot free it. gloo's worker threads then outlive the interpreter, and one that drops a
+    collective's tensor while Python shuts down aborts the process ("terminate called without an active
+    exception", seen under torchrun). Imported first, the defaults are None and the group is freed."""
+    import torch.distributed.nn  # noqa: F401  (before the group exists: see above)
+
+    dist.init_process_group(backend, **kwargs)
 
 
 def stop(processes: Processes) -> None:
