@@ -301,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_core(
 
   // dA and dB^T; in paper mode both theta gradients multiply W0 from the right, so they share one (2r, d) buffer
   // and one GEMM [dA; dB^T] W0 reads W0 once for both.
-  const bool stack_ab = paper && need_theta_a && need_theta_b;
+  const bool stack_ab = can_stack_theta_grads(sz.mode, needs);
   at::Tensor stacked_ab, grad_a, grad_b_t, grad_bias;
   if (stack_ab) {
     stacked_ab = at::empty({2 * r, sz.d_in}, options);
@@ -501,8 +501,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
 // Where backward_core computes both theta gradients with one GEMM into one (2r, d_in) tensor: backward_ab can
 // return that tensor (stack_theta_grads) instead of copying one half into an output of its own, a launch and an
 // allocation per layer and step (benchmarks/NOTES.md, tenth session).
+bool can_stack_theta_grads(Mode mode, std::array<bool, 4> needs) {
+  return mode == Mode::kPaper && needs[1] && needs[2];
+}
+
 bool can_stack_theta_grads(const std::string& mode, std::array<bool, 4> needs) {
-  return mode == "paper" && needs[1] && needs[2];
+  return can_stack_theta_grads(parse_mode(mode), needs);
 }
 
 }  // namespace condlora

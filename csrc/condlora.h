@@ -124,6 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
 // can_stack_theta_grads: paper mode, both theta gradients asked for), grad_theta_a is [dtheta_a; dtheta_b]
 // (2r, d_in) and grad_theta_b is empty: one GEMM writes both, and an op's outputs may not share storage, so
 // splitting them inside the op would cost a copy (linear.cpp splits them by views).
+// (written once: backward_core stacks on the same condition)
+bool can_stack_theta_grads(Mode mode, std::array<bool, 4> needs);
 bool can_stack_theta_grads(const std::string& mode, std::array<bool, 4> needs);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKernels& kernels, const at::Tensor& weight,
                                                                 const at::Tensor& theta_a, const at::Tensor& theta_b,
