@@ -130,6 +130,25 @@ def test_unknown_mode_and_backend(paper):
         _call(*paper.tensors(), backend="fast")
 
 
+def test_available_backends_arguments():
+    from condlora_kernels import available_backends
+
+    with pytest.raises(ValueError, match=r"device must name a torch device .* got 'gpu0'"):
+        available_backends("gpu0")
+    with pytest.raises(TypeError, match=r"dtype must be a torch.dtype .* got 'bfloat16'"):
+        available_backends("cpu", "bfloat16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA on a machine without it")
+def test_available_backends_on_a_device_this_machine_lacks():
+    """Every backend gets the reason (it raised from torch.empty before)."""
+    from condlora_kernels import available_backends
+
+    reasons = available_backends("cuda", torch.bfloat16)
+    assert set(reasons) == {"reference", "triton", "cuda", "cpu"}
+    assert all(reason.startswith("no tensor can be made on cuda here (") for reason in reasons.values()), reasons
+
+
 def test_bad_scaling(paper):
     with pytest.raises(TypeError, match=r"scaling must be a finite float"):
         _call(*paper.tensors(), scaling=float("inf"))

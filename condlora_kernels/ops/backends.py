@@ -220,6 +220,17 @@ def resolve_backend(requested: str, x: torch.Tensor) -> Backend:
 
 
 def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """{backend name: None if it can run on `device`/`dtype`, else the reason it cannot}."""
-    probe = torch.empty(0, device=device, dtype=dtype)
+    """{backend name: None if it can run on `device`/`dtype`, else the reason it cannot}. On a device this machine
+    does not have ("cuda" without a GPU, "cuda:3" on a machine with one), every backend gets that as its reason."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:1', ...), got {device!r}") from exc
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
+    try:
+        probe = torch.empty(0, device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as exc:  # no driver, no such device index, a torch built without CUDA
+        reason = f"no tensor can be made on {device} here ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+        return {name: reason for name in BACKENDS}
     return {name: backend.unavailable_reason(probe) for name, backend in BACKENDS.items()}
