@@ -16,6 +16,7 @@ from condlora_kernels.integrations import (apply_condlora, condlora_generators, 
                                            merge_and_unload, merge_condlora, print_trainable_parameters,
                                            save_condlora, set_recompute_weight_cast, shard_condlora_model,
                                            unmerge_adapters)
+from condlora_kernels.integrations.distributed import ReentrantCheckpointDDPError, ShardedTensorError
 from condlora_kernels.modules import CondLoRAGenerator, FusedCondLoRALinear
 from condlora_kernels.ops import (BackendUnavailableError, CondLoRAFallbackWarning, available_backends,
                                   condlora_linear)
@@ -30,8 +31,7 @@ __all__ = [
     "BackendUnavailableError", "CondLoRAFallbackWarning", "CondLoRAGenerator", "FusedCondLoRALinear",
     "apply_condlora", "available_backends", "condlora_generators", "condlora_layers", "condlora_linear",
     "condlora_state_dict", "export_peft_adapter", "load_condlora", "merge_adapters_in_place", "merge_and_unload",
-    "merge_condlora", "print_trainable_parameters", "reference", "save_condlora", "set_recompute_weight_cast",
-    "shard_condlora_model",
-    "unmerge_adapters",
+    "merge_condlora", "print_trainable_parameters", "reference", "ReentrantCheckpointDDPError", "save_condlora",
+    "set_recompute_weight_cast", "shard_condlora_model", "ShardedTensorError", "unmerge_adapters",
     "__version__",
 ]

@@ -196,3 +196,14 @@ def test_meta_tensors(paper, monkeypatch):
         condlora_linear(paper.x.to("meta"), *paper.tensors()[1:], 1.0)
     layer = FusedCondLoRALinear(8, 8, r=2, device="meta")
     assert layer(torch.empty(3, 8, device="meta")).shape == (3, 8)
+
+
+def test_the_refusals_can_be_caught_from_the_package():
+    """The errors README names (ReentrantCheckpointDDPError, ShardedTensorError) are importable from the top level."""
+    import condlora_kernels
+    from condlora_kernels.integrations import distributed
+
+    for name in ("ReentrantCheckpointDDPError", "ShardedTensorError"):
+        assert name in condlora_kernels.__all__
+        assert getattr(condlora_kernels, name) is getattr(distributed, name)
+        assert issubclass(getattr(condlora_kernels, name), RuntimeError)
