@@ -22,6 +22,9 @@ Formulations:
 (fold, fold_wgrad, lowrank and frozen_first are Python prototypes of formulations; benchmarks/NOTES.md has what
 they measured. A `stacked` prototype, W0 and A in one buffer so that one GEMM gives [x W0^T + b | u], measured
 4-9% slower than lowrank in the eleventh session and was removed; it is in git history.)
+benchmarks/results/explore_formulations_h200.json was written in the fifth session by an earlier version, whose
+`op_<plan>` rows called condlora_C::linear with a plan argument the op no longer has: its `op_lowrank` rows are the
+op as the cuda backend runs it now, its `cuda` rows the cuda backend's route before it ran as that op.
 """
 
 from __future__ import annotations
