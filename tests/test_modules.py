@@ -153,3 +153,34 @@ def test_half_cast_of_a_layer_keeps_the_generator_float32():
 def test_from_linear_keeps_eval_mode():
     layer = FusedCondLoRALinear.from_linear(nn.Linear(8, 8).eval(), r=2, dropout=0.5, backend="reference")
     assert not layer.training and not layer.generator.training
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(alpha=-1.0), dict(dropout=1.5), dict(mode="square"),
+                                 dict(backend="fast"), dict(recompute_weight_cast="yes"),
+                                 dict(generator=CondLoRAGenerator(4, 4, 2, "paper"))])
+def test_from_linear_that_fails_leaves_the_layer_as_it_was(bad):
+    """Every argument is checked before the layer's weight and bias are frozen."""
+    linear = nn.Linear(8, 8)
+    with pytest.raises((TypeError, ValueError)):
+        FusedCondLoRALinear.from_linear(linear, **bad)
+    assert linear.weight.requires_grad and linear.bias.requires_grad
+
+
+def test_merge_and_to_linear_check_a_given_merged_weight():
+    torch.manual_seed(0)
+    layer = FusedCondLoRALinear.from_linear(nn.Linear(8, 6), r=2)
+    before = layer.weight.detach().clone()
+    for bad, error, match in [(5, TypeError, "merged_weight must be a torch.Tensor"),
+                              (torch.randn(6), ValueError, r"shape \(6, 8\).*got shape \(6,\)"),
+                              (torch.randn(3, 3), ValueError, r"got shape \(3, 3\)"),
+                              (torch.randn(6, 8, dtype=torch.float64), ValueError, "dtype torch.float64"),
+                              (torch.randint(0, 3, (6, 8)), ValueError, "dtype torch.int64")]:
+        with pytest.raises(error, match=match):
+            layer.merge(bad)
+        with pytest.raises(error, match=match):
+            layer.to_linear(bad)
+    assert not layer.merged and layer._unmerged_weight is None and torch.equal(layer.weight, before)
+    good = layer.merged_weight()
+    assert torch.equal(layer.to_linear(good).weight, good)
+    layer.merge(good)
+    assert layer.merged and torch.equal(layer.weight, good)

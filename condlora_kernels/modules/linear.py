@@ -122,12 +122,12 @@ class FusedCondLoRALinear(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.weight = linear.weight
+        module.weight, module.bias = linear.weight, linear.bias
+        module._configure(r, alpha, dropout, generator, mode, backend, recompute_weight_cast)  # checks all first
+        # only now that every argument passed: a failed call leaves the caller's layer as it was
         module.weight.requires_grad_(False)
-        module.bias = linear.bias
         if module.bias is not None:
             module.bias.requires_grad_(False)
-        module._configure(r, alpha, dropout, generator, mode, backend, recompute_weight_cast)
         module.train(linear.training)  # a layer of a model in eval mode stays in eval mode (no dropout)
         return module
 
@@ -184,6 +184,8 @@ class FusedCondLoRALinear(nn.Module):
             return
         if merged_weight is None:
             merged_weight = self.merged_weight()
+        else:
+            self._check_merged_weight(merged_weight)
         self._unmerged_weight = self.weight.detach().clone()
         self.weight.copy_(merged_weight)
         self.merged = True
@@ -203,11 +205,24 @@ class FusedCondLoRALinear(nn.Module):
         `merged_weight`: the result of merged_weight(), when the caller computed it already."""
         if merged_weight is None:
             merged_weight = self.merged_weight()
+        else:
+            self._check_merged_weight(merged_weight)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(merged_weight, requires_grad=False)  # no initialisation to overwrite
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return linear
+
+    def _check_merged_weight(self, merged_weight) -> None:
+        """A caller's merged_weight: a tensor of the weight's shape, dtype and device (what merged_weight() returns)."""
+        w = self.weight
+        if not isinstance(merged_weight, torch.Tensor):
+            raise TypeError(f"merged_weight must be a torch.Tensor (the result of merged_weight()), got "
+                            f"{type(merged_weight).__name__}")
+        if merged_weight.shape != w.shape or merged_weight.dtype != w.dtype or merged_weight.device != w.device:
+            raise ValueError(f"merged_weight must match the weight: shape {tuple(w.shape)}, dtype {w.dtype}, device "
+                             f"{w.device}; got shape {tuple(merged_weight.shape)}, dtype {merged_weight.dtype}, "
+                             f"device {merged_weight.device}")
 
     def extra_repr(self) -> str:
         shared = "" if self.owns_generator else f", generator={self.generator_key!r} (shared, at the model root)"
