@@ -358,3 +358,83 @@ def test_kill_during_a_large_save_leaves_a_complete_adapter(tmp_path, moment):
     save_condlora(model, tmp_path)  # the killed save's temporary file does not disturb the next one
     load_condlora(model, tmp_path)
     assert all(torch.all(p == -1.0) for p in adapter)
+
+
+# --------------------------------------------------------------------------------------------------
+# What load and save refuse before touching anything (the checksum-valid but malformed, the paths)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_an_adapter_never_writes_a_frozen_weight(tmp_path):
+    """A format-1 file holding a CondLoRA layer's W0 (format 1 has no checksum to stop an edit) is refused: loading
+    it would overwrite W0 and make it require grad, after which every forward refuses."""
+    model = _adapted()
+    _write_format_1(model, tmp_path)
+    tensors = safetensors_torch.load_file(str(tmp_path / WEIGHTS_NAME))
+    query = "bert.encoder.layer.0.attention.self.query"
+    tensors[f"base.{query}.weight"] = torch.zeros_like(dict(model.named_parameters())[f"{query}.weight"])
+    safetensors_torch.save_file(tensors, str(tmp_path / WEIGHTS_NAME))
+    with pytest.warns(UserWarning, match="format 1"):
+        _refused(tmp_path, rf"frozen weights of CondLoRA layers .*{query}\.weight")
+
+
+def _rewrite_config(directory, edit):
+    """Rewrite the weights file's stored config with edit(config) and a matching checksum (a file another writer
+    made, which the checksum cannot catch)."""
+    path = str(directory / WEIGHTS_NAME)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors_torch.load_file(path)
+    config = json.loads(metadata[adapter_file._META_CONFIG])
+    edit(config)
+    text = json.dumps(config, sort_keys=True)
+    metadata.update({adapter_file._META_CONFIG: text, adapter_file._META_SHA256: adapter_file._sha256(text, tensors)})
+    safetensors_torch.save_file(tensors, path, metadata=metadata)
+    (directory / CONFIG_NAME).unlink()  # the readable copy would be stale
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.pop("layers"), r"lacks \['layers'\]"),
+    (lambda c: c["apply_condlora_calls"][0].pop("backend"), r"call 1 has missing fields \['backend'\]"),
+    (lambda c: c["apply_condlora_calls"][0].update(colour="red"), r"unknown fields \['colour'\]"),
+    (lambda c: c["apply_condlora_calls"][0].update(modules_to_save="classifier"), r"modules_to_save .* must be a list"),
+    (lambda c: c.update(apply_condlora_calls={"r": 4}), r"apply_condlora_calls must be a list"),
+])
+def test_a_malformed_stored_config_is_a_value_error(saved, edit, match):
+    _, directory, _ = saved
+    _rewrite_config(directory, edit)
+    _refused(directory, match)  # before the readable copy is looked at
+
+
+def test_format_1_config_lacking_a_field_is_a_value_error(tmp_path):
+    model = _adapted()
+    _write_format_1(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del config["alpha"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="format 1"):
+        _refused(tmp_path, r"lacks the fields \['alpha'\]")
+
+
+def test_load_checks_the_backend_and_the_path_first(saved):
+    model, directory, _ = saved
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"backend must be 'auto' or one of"):
+        load_condlora(model, directory, backend="bogus")  # an adapted model: no call is replayed, still checked
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"must be the folder that holds condlora_model.safetensors, got the file"):
+        load_condlora(model, directory / WEIGHTS_NAME)
+
+
+def test_save_refuses_unwritable_paths_before_writing(saved):
+    model, directory, ref = saved
+    perturb_adapter(model, seed=5)
+    weights_before = (directory / WEIGHTS_NAME).read_bytes()
+    (directory / CONFIG_NAME).unlink()
+    (directory / CONFIG_NAME).mkdir()
+    with pytest.raises(ValueError, match=r"condlora_config.json is a folder, where the adapter writes a file"):
+        save_condlora(model, directory)
+    assert (directory / WEIGHTS_NAME).read_bytes() == weights_before
+    with pytest.raises(ValueError, match=r"is a file, not a folder"):
+        save_condlora(model, directory / WEIGHTS_NAME)
+    assert (directory / WEIGHTS_NAME).read_bytes() == weights_before

@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from condlora_kernels.ops.backends import check_backend_name
 from condlora_kernels.integrations.model import (GENERATORS_ATTR, _apply_calls, _commit_apply,
                                                  _plan_apply, _some, _Undo, condlora_layers, condlora_state_dict,
                                                  generator_parameter_names)
@@ -105,6 +106,17 @@ def atomic_write(path: str, write) -> None:
     _fsync_directory(directory or ".")
 
 
+def check_output_directory(directory: str, names) -> None:
+    """Before anything is written: `directory` is a folder or does not exist yet, and none of the files `names`
+    it will hold is a folder (which would fail the second write after the first had replaced its file)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"directory {directory} is a file, not a folder: pass the folder to write the adapter to")
+    blocked = [name for name in names if os.path.isdir(os.path.join(directory, name))]
+    if blocked:
+        raise ValueError(f"{', '.join(os.path.join(directory, n) for n in blocked)} is a folder, where the adapter "
+                         "writes a file: remove it or choose another directory")
+
+
 def write_json(path: str, content: dict) -> None:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
@@ -128,13 +140,14 @@ def save_condlora(model: nn.Module, directory: PathLike) -> None:
 
     if not condlora_layers(model):
         raise ValueError("the model has no CondLoRA layers: call apply_condlora(model, ...) first")
+    directory = os.fspath(directory)
+    check_output_directory(directory, (WEIGHTS_NAME, CONFIG_NAME))
     tensors = _adapter_tensors(model)
     config = {"format_version": FORMAT_VERSION, "written_by": f"condlora_kernels {__version__}",
               "apply_condlora_calls": _apply_calls(model), "layers": _layer_descriptions(model)}
     config_text = json.dumps(config, sort_keys=True)
     sha256 = _sha256(config_text, tensors)
     metadata = {_META_VERSION: str(FORMAT_VERSION), _META_CONFIG: config_text, _META_SHA256: sha256}
-    directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_json(os.path.join(directory, CONFIG_NAME), {**config, "sha256": sha256})  # the readable copy
@@ -168,6 +181,8 @@ def read_adapter(directory: PathLike) -> Adapter:
     from safetensors.torch import load_file, safe_open
 
     directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise ValueError(f"directory must be the folder that holds {WEIGHTS_NAME}, got the file {directory}")
     path, json_path = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         hint = (" (it holds a PEFT adapter: load it with peft.PeftModel.from_pretrained)"
@@ -191,8 +206,41 @@ def read_adapter(directory: PathLike) -> Adapter:
         raise ValueError(f"{path} fails its checksum: its tensors or config were changed after it was saved "
                          "(a corrupted or edited file); save the adapter again or restore the file")
     config = json.loads(config_text)
+    _check_config(path, config)
     _check_readable_copy(json_path, config, sha256)
     return Adapter(FORMAT_VERSION, config, tensors)
+
+
+_CALL_FIELDS = frozenset(_COMPARED_CALL_FIELDS) | {"backend"}
+
+
+def _check_calls(path: str, calls) -> list:
+    """The recorded apply_condlora calls: a list of dicts with exactly the fields save_condlora writes (their values
+    are checked as apply_condlora's arguments when a call is replayed)."""
+    if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+        raise ValueError(f"{path}: apply_condlora_calls must be a list of calls (objects), got {calls!r}")
+    for i, call in enumerate(calls):
+        missing, unknown = sorted(_CALL_FIELDS - set(call)), sorted(set(call) - _CALL_FIELDS)
+        if missing or unknown:
+            raise ValueError(f"{path}: apply_condlora call {i + 1} has missing fields {missing} and unknown fields "
+                             f"{unknown}: not an adapter this condlora_kernels wrote")
+        if call["modules_to_save"] is not None and not isinstance(call["modules_to_save"], list):
+            raise ValueError(f"{path}: modules_to_save of apply_condlora call {i + 1} must be a list, got "
+                             f"{call['modules_to_save']!r}")
+    return calls
+
+
+def _check_config(path: str, config) -> None:
+    """Format 2's config: the fields load reads, with their types."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the stored config must be an object, got {type(config).__name__}")
+    missing = [key for key in ("apply_condlora_calls", "layers") if key not in config]
+    if missing:
+        raise ValueError(f"{path}: the stored config lacks {missing}: not an adapter this condlora_kernels wrote")
+    _check_calls(path, config["apply_condlora_calls"])
+    layers = config["layers"]
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ValueError(f"{path}: the stored config's layers must map layer names to descriptions, got {layers!r}")
 
 
 def _check_readable_copy(json_path: str, config: dict, sha256: str) -> None:
@@ -238,11 +286,15 @@ def _read_format_1(directory: str, json_path: str, tensors: dict) -> Adapter:
                   "integrity check; save_condlora it again to write format 2")
     calls = []
     if "target_modules" in config:
+        missing = [key for key in ("r", "alpha", "dropout", "mode") if key not in config]
+        if missing:
+            raise ValueError(f"{json_path} (adapter format 1) lacks the fields {missing} of its apply_condlora call")
+        to_save = config.get("modules_to_save") or []
         calls.append({"target_modules": config["target_modules"], "r": config["r"], "alpha": config["alpha"],
                       "dropout": config["dropout"], "mode": config["mode"],
-                      "modules_to_save": list(config.get("modules_to_save") or []),
+                      "modules_to_save": list(to_save) if isinstance(to_save, (list, tuple)) else to_save,
                       "backend": config.get("backend", "auto")})
-    return Adapter(1, {"apply_condlora_calls": calls, "layers": None}, tensors)
+    return Adapter(1, {"apply_condlora_calls": _check_calls(json_path, calls), "layers": None}, tensors)
 
 
 def _format_1_names(model: nn.Module, tensors: dict) -> dict:
@@ -304,6 +356,11 @@ def _check_fits(model: nn.Module, adapter: Adapter, directory: str, tensors: dic
     params = dict(model.named_parameters())
     missing = sorted(generator_parameter_names(model) - set(tensors))
     unknown = sorted(name for name in tensors if name not in params)
+    frozen = {f"{name}.{attr}" for name in condlora_layers(model) for attr in ("weight", "bias")}
+    base = sorted(name for name in tensors if name in frozen)
+    if base:
+        problems.append(f"tensors for the frozen weights of CondLoRA layers (W0 and b, which an adapter never "
+                        f"holds): {_some(base)}")
     if missing:
         problems.append(f"generator parameters missing from the adapter: {_some(missing)}")
     if unknown:
@@ -322,8 +379,11 @@ def load_condlora(model: nn.Module, directory: PathLike, backend: Optional[str] 
     (the saved apply_condlora calls are replayed); an adapted model must have the saved configuration. The file is
     verified (format version, checksum, readable copy) and checked against the model (layer names and shapes, r,
     alpha, dropout, mode, targets, tensor names and shapes) before the model changes; on any error it is left as
-    it was. The loaded parameters are trainable afterwards, as they were when saved. `backend`: the layers'
-    backend when they are created here (default: the saved one)."""
+    it was. The loaded parameters (the generators, the modules_to_save, any other parameter that was trainable when
+    saved) require grad afterwards. `backend`: the layers' backend when they are created here (default: the saved
+    one); checked even where the model has its layers already."""
+    if backend is not None:
+        check_backend_name(backend)
     directory = os.fspath(directory)
     adapter = read_adapter(directory)
     calls = adapter.config["apply_condlora_calls"]
