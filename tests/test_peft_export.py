@@ -78,3 +78,29 @@ def test_merged_layers_are_refused(tmp_path):
     with pytest.raises(ValueError, match="merged.*unmerge_adapters"):
         export_peft_adapter(model, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_tied_modules_to_save_are_refused_before_writing(tmp_path):
+    """A modules_to_save module whose weight is tied to one outside it (the Llama-style tied embeddings): PEFT's copy
+    of the module would untie them and the outputs would differ, so the export refuses and writes nothing."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model = apply_condlora(model, ["q_proj"], r=2, modules_to_save=["embed_tokens"], backend="reference")
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight \(also lm_head\.weight\).*unties them"):
+        export_peft_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    export_peft_adapter(apply_condlora(tiny_bert().eval(), ["query"], r=2, modules_to_save=["classifier"],
+                                       backend="reference"), tmp_path / "untied")  # nothing tied: exported
+
+
+def test_export_refuses_unwritable_paths_before_writing(tmp_path):
+    model = apply_condlora(tiny_bert().eval(), ["query"], r=2, backend="reference")
+    (tmp_path / "adapter_config.json").mkdir()
+    with pytest.raises(ValueError, match=r"adapter_config.json is a folder, where the adapter writes a file"):
+        export_peft_adapter(model, tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from condlora_kernels import reference
-from condlora_kernels.integrations.adapter_file import atomic_write, write_json
+from condlora_kernels.integrations.adapter_file import atomic_write, check_output_directory, write_json
 from condlora_kernels.integrations.model import (_model_modules, _modules_to_save_names, _require_layers, _some,
                                                  _contains)
 
@@ -45,6 +45,26 @@ def _peft_modules_to_save(model: nn.Module) -> list:
     return outermost + extra
 
 
+def _refuse_tied_modules_to_save(model: nn.Module, modules_to_save: list) -> None:
+    """PEFT trains and loads a modules_to_save module as a copy of it, so a parameter that module shares with one
+    outside it (tied input and output embeddings, say) comes back untied: the outside one keeps the base model's
+    value and the outputs differ. Refused, before anything is written."""
+    names_of = collections.defaultdict(list)  # every name of each parameter, shared ones included
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of[id(param)].append(name)
+    tied = []
+    for module_name in modules_to_save:
+        for param_name, param in model.get_submodule(module_name).named_parameters():
+            outside = [n for n in names_of[id(param)] if not n.startswith(module_name + ".")]
+            if outside:
+                tied.append(f"{module_name}.{param_name} (also {', '.join(outside)})")
+    if tied:
+        raise ValueError(f"modules_to_save parameters tied to parameters outside their module: {_some(tied)}. PEFT "
+                         "loads a modules_to_save module as a copy, which unties them, so the exported adapter would "
+                         "not reproduce this model's outputs. Keep the tied module out of modules_to_save, or keep the "
+                         "adapter in CondLoRA's own format (save_condlora), which keeps the tie")
+
+
 def export_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> None:
     """Write a standard PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`) to `directory`:
     each CondLoRA layer's generated A and B (in float32), `r` and `lora_alpha` such that PEFT's scaling is ours,
@@ -53,6 +73,8 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) ->
     from safetensors.torch import save_file
 
     layers = _require_layers(model, "export_peft_adapter")
+    directory = os.fspath(directory)
+    check_output_directory(directory, (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME))
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"layers {_some(merged)} are merged (their weight holds W0 + s*B*A, not W0): call "
@@ -65,6 +87,7 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) ->
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_a.cpu().contiguous()
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_b.cpu().contiguous()
     modules_to_save = _peft_modules_to_save(model)
+    _refuse_tied_modules_to_save(model, modules_to_save)
     for module_name in modules_to_save:
         for param_name, param in model.get_submodule(module_name).named_parameters():
             tensors[f"{_PREFIX}{module_name}.{param_name}"] = param.detach().cpu().contiguous()
@@ -85,7 +108,6 @@ def export_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) ->
         "alpha_pattern": {_exact(n): layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
         "modules_to_save": modules_to_save or None,
     }
-    directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, ADAPTER_WEIGHTS_NAME),
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
