@@ -1,12 +1,15 @@
 """CondLoRAGenerator and FusedCondLoRALinear: drop-in behaviour, initialisation, merge/unmerge, training."""
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from condlora_kernels import CondLoRAGenerator, FusedCondLoRALinear, reference
+from condlora_kernels import (CondLoRAGenerator, FusedCondLoRALinear, apply_condlora, available_backends,
+                              condlora_linear, reference)
+from condlora_kernels.testing import assert_close
 
 
 def test_generator_init_as_paper_code():
@@ -57,8 +60,10 @@ def test_dropout_only_in_training():
     layer = FusedCondLoRALinear.from_linear(lin, r=2, dropout=0.5, backend="reference")
     nn.init.normal_(layer.generator.theta_b)
     x = torch.randn(4, 8)
-    layer.eval()
-    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+    layer.eval()  # no dropout and no rescaling: exactly the op without dropout
+    no_dropout = condlora_linear(x, layer.weight, layer.bias, layer.generator.theta_a, layer.generator.theta_b,
+                                 layer.scaling, dropout_p=0.0, mode=layer.mode, backend="reference")
+    torch.testing.assert_close(layer(x), no_dropout, rtol=0, atol=0)
     layer.train()
     assert not torch.equal(layer(x), layer(x))
 
@@ -184,3 +189,90 @@ def test_merge_and_to_linear_check_a_given_merged_weight():
     assert torch.equal(layer.to_linear(good).weight, good)
     layer.merge(good)
     assert layer.merged and torch.equal(layer.weight, good)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The module and an adapted model on each backend this machine runs, against the reference
+# --------------------------------------------------------------------------------------------------
+
+CPU_BACKENDS = [name for name, reason in available_backends("cpu", torch.float64).items() if reason is None]
+
+
+class TwoLayers(nn.Module):
+    """Two square layers of one module type: apply_condlora gives them one shared generator."""
+
+    def __init__(self, d=7):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(d, d)}) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block["proj"](x))
+        return x
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_gradcheck_float64(backend, bias):
+    """The module's gradients wrt x and both generators (general mode, odd sizes), through the module's own call."""
+    torch.manual_seed(0)
+    layer = FusedCondLoRALinear.from_linear(nn.Linear(5, 7, bias=bias).double(), r=3, alpha=5, backend=backend)
+    nn.init.normal_(layer.generator.theta_b)
+
+    def fn(x, theta_a, theta_b):
+        return torch.func.functional_call(layer, {"generator.theta_a": theta_a, "generator.theta_b": theta_b}, (x,))
+
+    args = (torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True),
+            layer.generator.theta_a.detach().clone().requires_grad_(True),
+            layer.generator.theta_b.detach().clone().requires_grad_(True))
+    # the Triton interpreter runs a kernel per call: gradcheck's fast mode (a random projection) keeps it short
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_shared_generator_model_gradcheck_float64(backend):
+    """apply_condlora on two layers of one type: one generator, its gradient summed over both layers (paper mode)."""
+    torch.manual_seed(0)
+    model = apply_condlora(TwoLayers().double(), ["proj"], r=2, alpha=3, backend=backend)
+    (key,) = model.condlora_generators.keys()
+    generator = model.condlora_generators[key]
+    nn.init.normal_(generator.theta_b)
+    names = (f"condlora_generators.{key}.theta_a", f"condlora_generators.{key}.theta_b")
+
+    def fn(x, theta_a, theta_b):
+        return torch.func.functional_call(model, dict(zip(names, (theta_a, theta_b))), (x,))
+
+    args = (torch.randn(3, 7, dtype=torch.float64, requires_grad=True),
+            generator.theta_a.detach().clone().requires_grad_(True),
+            generator.theta_b.detach().clone().requires_grad_(True))
+    # the Triton interpreter runs a kernel per call: gradcheck's fast mode (a random projection) keeps it short
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend, dtype", [
+    (name, dtype) for dtype in (torch.float32, torch.bfloat16)
+    for name, reason in available_backends("cpu", dtype).items() if reason is None and name != "reference"])
+def test_adapted_model_matches_the_reference(backend, dtype):
+    """Outputs and gradients (x, the shared generator) of an adapted model on a fast backend, against float64, with
+    the error bound of the same model on the reference backend in the same dtype (testing.py's rule)."""
+    torch.manual_seed(0)
+    base = TwoLayers(d=33)
+    x0 = torch.randn(5, 33)
+
+    def run(backend_name, run_dtype):
+        model = apply_condlora(copy.deepcopy(base), ["proj"], r=4, alpha=8, backend=backend_name)
+        torch.manual_seed(1)
+        for generator in model.condlora_generators.values():
+            nn.init.normal_(generator.theta_b, std=0.3)
+        model = model.to(run_dtype)
+        x = x0.to(run_dtype).requires_grad_(True)
+        y = model(x)
+        y.backward(torch.ones_like(y))
+        (generator,) = model.condlora_generators.values()
+        return y, x.grad, generator.theta_a.grad, generator.theta_b.grad
+
+    want = run("reference", torch.float64)
+    baseline = run("reference", dtype)
+    for name, got, ref64, same in zip(("y", "dx", "dtheta_a", "dtheta_b"), run(backend, dtype), want, baseline):
+        assert_close(got, ref64, same, name)
