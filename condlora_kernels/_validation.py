@@ -53,6 +53,22 @@ def check_dropout_p(dropout_p) -> float:
     return float(dropout_p)
 
 
+def check_features(name: str, value) -> int:
+    """in_features / out_features of a layer: an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_float_dtype(name: str, dtype) -> None:
+    """A factory dtype: None (torch's default) or a floating dtype the kernels take."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating dtype (float16, bfloat16, float32 or float64) or None, got "
+                        f"{dtype!r}")
+
+
 def check_rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r must be an int >= 1, got {type(r).__name__}")

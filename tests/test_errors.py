@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from condlora_kernels import BackendUnavailableError, FusedCondLoRALinear, condlora_linear
+from condlora_kernels import BackendUnavailableError, CondLoRAGenerator, FusedCondLoRALinear, condlora_linear
 from condlora_kernels.testing import make_problem
 
 
@@ -137,6 +137,10 @@ def test_available_backends_arguments():
         available_backends("gpu0")
     with pytest.raises(TypeError, match=r"dtype must be a torch.dtype .* got 'bfloat16'"):
         available_backends("cpu", "bfloat16")
+    for dtype in (torch.int64, torch.bool, torch.complex64):  # the op refuses them: no backend can run
+        reasons = available_backends("cpu", dtype)
+        assert all(reason == f"the op takes floating tensors (float16, bfloat16, float32, float64), got {dtype}"
+                   for reason in reasons.values()), reasons
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA on a machine without it")
@@ -207,3 +211,27 @@ def test_the_refusals_can_be_caught_from_the_package():
         assert name in condlora_kernels.__all__
         assert getattr(condlora_kernels, name) is getattr(distributed, name)
         assert issubclass(getattr(condlora_kernels, name), RuntimeError)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: FusedCondLoRALinear(-1, 8), ValueError, r"in_features must be >= 1, got -1"),
+    (lambda: FusedCondLoRALinear(8, 0), ValueError, r"out_features must be >= 1, got 0"),
+    (lambda: FusedCondLoRALinear(8.0, 8), TypeError, r"in_features must be an int >= 1, got 8.0"),
+    (lambda: FusedCondLoRALinear(8, 8, dtype=torch.int64), TypeError, r"dtype must be a floating dtype"),
+    (lambda: FusedCondLoRALinear(8, 8, r=2, alpha=1e300), ValueError, r"scaling must fit in float32"),
+    (lambda: CondLoRAGenerator(-1, -1), ValueError, r"in_features must be >= 1"),
+    (lambda: CondLoRAGenerator(4, 4, dtype=torch.int32), TypeError, r"dtype must be a floating dtype"),
+])
+def test_constructors_check_their_sizes_and_dtype(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_apply_condlora_refuses_an_alpha_whose_scaling_overflows_float32():
+    from condlora_kernels import apply_condlora
+
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4)})
+    weight = model["proj"].weight
+    with pytest.raises(ValueError, match=r"scaling must fit in float32"):
+        apply_condlora(model, ["proj"], r=8, alpha=1e300)
+    assert model["proj"].weight is weight and weight.requires_grad  # unchanged

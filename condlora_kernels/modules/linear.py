@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora_kernels import reference
-from condlora_kernels._validation import check_dropout_p, check_mode, check_rank, check_recompute_weight_cast
+from condlora_kernels._validation import (check_dropout_p, check_features, check_float_dtype, check_mode, check_rank,
+                                          check_recompute_weight_cast, check_scaling)
 from condlora_kernels.integrations import distributed  # imported with the package: it records DDP instances
 from condlora_kernels.integrations.distributed import PLAIN_TENSOR_TYPES
 from condlora_kernels.modules.generator import HALF_DTYPES, CondLoRAGenerator
@@ -64,7 +65,10 @@ class FusedCondLoRALinear(nn.Module):
                  dropout: float = 0.0, generator: Optional[CondLoRAGenerator] = None, mode: str = "auto",
                  backend: str = "auto", recompute_weight_cast: bool = False, device=None, dtype=None):
         super().__init__()
+        in_features, out_features = check_features("in_features", in_features), check_features("out_features",
+                                                                                                  out_features)
         check_rank(r)
+        check_float_dtype("dtype", dtype)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype),
                                    requires_grad=False)
@@ -77,6 +81,7 @@ class FusedCondLoRALinear(nn.Module):
         self.mode = resolve_mode(mode, self.in_features, self.out_features)
         self.r = check_rank(r)
         self.alpha = check_alpha(alpha)
+        check_scaling(self.alpha / self.r)  # checked by every call too; here so that a bad alpha fails at once
         self.dropout = check_dropout_p(dropout)
         self.backend = check_backend_name(backend)
         self.recompute_weight_cast = check_recompute_weight_cast(recompute_weight_cast)
