@@ -229,7 +229,8 @@ def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return dict.fromkeys(BACKENDS, f"the op takes floating tensors (float16, bfloat16, float32, float64), got {dtype}")
+        reason = f"the op takes floating tensors (float16, bfloat16, float32, float64), got {dtype}"
+        return dict.fromkeys(BACKENDS, reason)
     try:
         probe = torch.empty(0, device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as exc:  # no driver, no such device index, a torch built without CUDA
