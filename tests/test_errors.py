@@ -235,3 +235,25 @@ def test_apply_condlora_refuses_an_alpha_whose_scaling_overflows_float32():
     with pytest.raises(ValueError, match=r"scaling must fit in float32"):
         apply_condlora(model, ["proj"], r=8, alpha=1e300)
     assert model["proj"].weight is weight and weight.requires_grad  # unchanged
+
+
+@pytest.mark.parametrize("call", ["apply_condlora", "save_condlora", "load_condlora", "export_peft_adapter",
+                                  "merge_condlora", "merge_adapters_in_place", "unmerge_adapters",
+                                  "set_recompute_weight_cast", "condlora_layers", "condlora_generators",
+                                  "condlora_state_dict", "print_trainable_parameters", "shard_condlora_model"])
+@pytest.mark.parametrize("model", [None, "bert-base-uncased"])
+def test_every_model_function_refuses_a_non_module(call, model, tmp_path):
+    import condlora_kernels
+
+    args = {"apply_condlora": (["query"],), "save_condlora": (tmp_path,), "load_condlora": (tmp_path,),
+            "export_peft_adapter": (tmp_path,)}.get(call, ())
+    with pytest.raises(TypeError, match=rf"model must be an nn.Module.*got {type(model).__name__}"):
+        getattr(condlora_kernels, call)(model, *args)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_condlora_state_dict_of_a_model_without_an_adapter_is_refused():
+    from condlora_kernels import condlora_state_dict
+
+    with pytest.raises(ValueError, match=r"condlora_state_dict: the model has no CondLoRA layers"):
+        condlora_state_dict(torch.nn.Linear(4, 4))

@@ -382,6 +382,7 @@ def load_condlora(model: nn.Module, directory: PathLike, backend: Optional[str] 
     it was. The loaded parameters (the generators, the modules_to_save, any other parameter that was trainable when
     saved) require grad afterwards. `backend`: the layers' backend when they are created here (default: the saved
     one); checked even where the model has its layers already."""
+    condlora_layers(model)  # a TypeError for anything but an nn.Module, before the files are read
     if backend is not None:
         check_backend_name(backend)
     directory = os.fspath(directory)

@@ -92,7 +92,14 @@ def _contains(outer: str, inner: str) -> bool:
 
 def condlora_layers(model: nn.Module) -> dict:
     """{module name: FusedCondLoRALinear} for every CondLoRA layer of `model`."""
+    _check_model(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, FusedCondLoRALinear)}
+
+
+def _check_model(model) -> None:
+    """Every function of this module takes a model: an nn.Module (a clear TypeError, not an AttributeError later)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
 def set_recompute_weight_cast(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -130,6 +137,7 @@ def condlora_state_dict(model: nn.Module) -> dict:
     """The adapter's state, under the model's own parameter names: every generator parameter once
     (`condlora_generators.<key>.theta_a|theta_b`, or `<layer>.generator.theta_a|theta_b` for a layer that
     owns its generator) and every other trainable parameter (modules_to_save)."""
+    _require_layers(model, "condlora_state_dict")  # a model without an adapter has no adapter state
     generator_names = generator_parameter_names(model)
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad or name in generator_names}
 
@@ -146,6 +154,7 @@ class TrainableParameters(NamedTuple):
 def print_trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Print and return the trainable and total parameter counts (each shared tensor counted once), as PEFT's
     `print_trainable_parameters` prints them."""
+    _check_model(model)
     params = list(model.parameters())  # deduplicated: a shared generator counts once
     counts = TrainableParameters(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
     print(f"trainable params: {counts.trainable:,} || all params: {counts.total:,} || "
