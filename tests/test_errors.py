@@ -257,3 +257,31 @@ def test_condlora_state_dict_of_a_model_without_an_adapter_is_refused():
 
     with pytest.raises(ValueError, match=r"condlora_state_dict: the model has no CondLoRA layers"):
         condlora_state_dict(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(scaling=True), TypeError, r"scaling must be a finite float"),
+    (dict(scaling=torch.tensor(1.0)), TypeError, r"scaling must be a finite float"),
+    (dict(scaling=None), TypeError, r"scaling must be a finite float"),
+    (dict(dropout_p="0.1"), TypeError, r"dropout_p must be a float in \[0, 1\)"),
+    (dict(mode=None), ValueError, r"mode must be one of"),
+])
+def test_scalar_arguments_are_checked_on_every_route(paper, backend, kwargs, error, match):
+    """The extension's op (cpu) refuses what the Python route refuses, naming the argument (its schema converted a
+    bool or a 0-d tensor silently and failed on None with a RuntimeError)."""
+    kwargs = dict(kwargs)
+    scaling = kwargs.pop("scaling", 1.0)
+    with pytest.raises(error, match=match):
+        condlora_linear(*paper.tensors(), scaling, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_missing_and_empty_weights_are_named_on_every_route(paper, backend):
+    x, w, b, ta, tb = paper.tensors()
+    with pytest.raises(TypeError, match=r"weight must be a torch.Tensor, got NoneType"):
+        condlora_linear(x, None, b, ta, tb, 1.0, backend=backend)
+    with pytest.raises(TypeError, match=r"theta_b must be a torch.Tensor, got NoneType"):
+        condlora_linear(x, w, b, ta, None, 1.0, backend=backend)
+    with pytest.raises(ValueError, match=r"weight must have d_out >= 1 and d_in >= 1, got \(0, 0\)"):
+        condlora_linear(x[:, :0], torch.empty(0, 0), None, ta[:, :0], tb[:, :0], 1.0, backend=backend)

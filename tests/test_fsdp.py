@@ -453,4 +453,10 @@ def test_shard_helper_checks_its_arguments():
         shard_condlora_model(model, block_classes=[3])
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         shard_condlora_model("model", block_classes=["Sequential"])
+    with pytest.raises(ValueError, match="block_classes is empty"):
+        shard_condlora_model(model, block_classes=[])
+    with pytest.raises(TypeError, match=r"mesh must be a DeviceMesh .* got 'cpu'"):
+        shard_condlora_model(model, block_classes=["Sequential"], mesh="cpu")
+    with pytest.raises(ValueError, match="shard_condlora_model: the model has no CondLoRA layers"):
+        shard_condlora_model(_Blocks(), block_classes=["Sequential"])
     assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())

@@ -177,6 +177,9 @@ def _block_class_check(model: nn.Module, block_classes) -> tuple:
                              "(_no_split_modules); pass the transformer block class, e.g. block_classes=[MyBlock]")
     if isinstance(block_classes, (str, type)):
         block_classes = [block_classes]
+    if not block_classes:
+        raise ValueError("block_classes is empty: pass the transformer block classes (or leave it out for a "
+                         "transformers model, which lists them)")
     classes, names = [], set()
     for entry in block_classes:
         if isinstance(entry, type) and issubclass(entry, nn.Module):
@@ -209,10 +212,16 @@ def shard_condlora_model(model: nn.Module, block_classes=None, **fsdp_kwargs) ->
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from condlora_kernels.integrations.model import GENERATORS_ATTR, _some
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from condlora_kernels.integrations.model import GENERATORS_ATTR, _require_layers, _some
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _require_layers(model, "shard_condlora_model")
+    mesh = fsdp_kwargs.get("mesh")
+    if mesh is not None and not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh must be a DeviceMesh (e.g. init_device_mesh('cpu', (world_size,))), got {mesh!r}")
     if isinstance(model, FSDPModule):
         raise ValueError(f"{type(model).__name__} is already sharded (fully_shard was called on the model root)")
     store = model._modules.get(GENERATORS_ATTR)

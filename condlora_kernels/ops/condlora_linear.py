@@ -19,10 +19,12 @@ from typing import Optional
 
 import torch
 
-from condlora_kernels._validation import check_condlora_args, check_recompute_weight_cast
+from condlora_kernels._validation import (check_condlora_args, check_dropout_p, check_mode,
+                                          check_recompute_weight_cast, check_scaling)
 from condlora_kernels.ops.backends import BACKENDS, autocast_on, native_linear_op, resolve_backend
 
 SEED_HIGH = 1 << 62  # seeds are drawn uniformly from [0, 2^62)
+_PLAIN_REALS = (float, int)  # not bool: type(True) is bool
 
 
 class CondLoRALinearFunction(torch.autograd.Function):
@@ -127,7 +129,15 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     check_recompute_weight_cast(recompute_weight_cast)  # a layer's attribute may have been set to anything
     chosen = resolve_backend(backend, x)
     if chosen.native:
-        # the extension's op: checks, autocast, dropout seed and autograd in C++ (docs/design.md §4)
+        # the extension's op: checks, autocast, dropout seed and autograd in C++ (docs/design.md §4). Its schema
+        # would convert a bool or a 0-d tensor to a float silently and fail on None without naming the argument:
+        # the plain types pass at the cost of a type() each, anything else gets the Python route's checks first.
+        if not (type(scaling) in _PLAIN_REALS and type(dropout_p) in _PLAIN_REALS and type(mode) is str):
+            check_scaling(scaling)
+            check_dropout_p(dropout_p)
+            check_mode(mode)
+        if weight is None or theta_a is None or theta_b is None:
+            check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)  # names the None
         return chosen.linear(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode, recompute_weight_cast)
     stored = weight
     x, weight, bias = _autocast_inputs(x, weight, bias)
