@@ -305,6 +305,7 @@ _SAVER = textwrap.dedent("""
     import sys, torch
     from torch import nn
     from condlora_kernels import apply_condlora, save_condlora
+    torch.manual_seed(0)  # the loading test builds the same base weights
     model = nn.ModuleDict({"proj": nn.Linear(8, 8), "head": nn.Linear(4096, 4096)})  # a 64 MiB adapter
     apply_condlora(model, ["proj"], r=2, modules_to_save=["head"], backend="reference")
     adapter = [p for p in model.parameters() if p.requires_grad]
@@ -342,6 +343,7 @@ def _kill_saver(directory, moment):
 @pytest.mark.parametrize("moment", ["while a temporary file is written", "0.37"])
 def test_kill_during_a_large_save_leaves_a_complete_adapter(tmp_path, moment):
     last_reported = _kill_saver(tmp_path, moment)
+    torch.manual_seed(0)
     model = nn.ModuleDict({"proj": nn.Linear(8, 8), "head": nn.Linear(4096, 4096)})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -438,3 +440,27 @@ def test_save_refuses_unwritable_paths_before_writing(saved):
     with pytest.raises(ValueError, match=r"is a file, not a folder"):
         save_condlora(model, directory / WEIGHTS_NAME)
     assert (directory / WEIGHTS_NAME).read_bytes() == weights_before
+
+
+def test_other_base_weights_are_reported_and_meta_weights_refused(saved):
+    """The adapter records each adapted layer's W0 (sum and norm): loaded onto other base weights of the same shapes
+    it warns, since A and B are generated from W0; the same base in bfloat16 (a rounding) does not warn; a model whose
+    weights are on the meta device is refused."""
+    _, directory, ref = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same base: no warning
+        _outputs_after_load(directory)
+    with pytest.warns(UserWarning, match=r"saved on other base weights than this model's .*bert.encoder.layer.0"):
+        load_condlora(tiny_bert(seed=1).eval(), directory)
+    rounded = tiny_bert().eval()
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_condlora(rounded, directory)
+    with torch.device("meta"):
+        on_meta = tiny_bert().eval()
+    with pytest.raises(ValueError, match=r"on the meta device, which holds no values"):
+        load_condlora(on_meta, directory)
+    assert not hasattr(on_meta, "condlora_config")  # the layers it had created are undone

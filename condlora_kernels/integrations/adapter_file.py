@@ -56,6 +56,36 @@ def _layer_descriptions(model: nn.Module) -> dict:
     return descriptions
 
 
+# CondLoRA generates each layer's A and B from its W0, so an adapter reproduces its model only on the base weights
+# it was trained on. Each layer's W0 is summarised by (sum, L2 norm) in float64; on load a layer whose summary moved
+# by more than this fraction of its norm is reported (a rounding of the same checkpoint to bf16 moves it ~0.2%).
+_BASE_TOLERANCE = 5e-3
+
+
+def _base_fingerprint(model: nn.Module) -> dict:
+    """{layer name: [sum, L2 norm] of its W0 in float64}; a sharded (DTensor) W0 is reduced across its shards."""
+    fingerprint = {}
+    with torch.no_grad():
+        for name, layer in condlora_layers(model).items():
+            w = layer._unmerged_weight if layer.merged else layer.weight
+            values = [torch.sum(w, dtype=torch.float64), torch.linalg.vector_norm(w, dtype=torch.float64)]
+            fingerprint[name] = [float(v.full_tensor() if hasattr(v, "full_tensor") else v) for v in values]
+    return fingerprint
+
+
+def _check_base_weights(model: nn.Module, saved: Optional[dict], directory: str) -> None:
+    """Warn where the model's frozen weights are not those the adapter was saved with (older files have no record)."""
+    if not saved:
+        return
+    current = _base_fingerprint(model)
+    moved = [name for name, (total, norm) in saved.items() if name in current and
+             max(abs(total - current[name][0]), abs(norm - current[name][1])) > _BASE_TOLERANCE * max(norm, 1e-30)]
+    if moved:
+        warnings.warn(f"the adapter in {directory} was saved on other base weights than this model's (W0 differs in "
+                      f"layers {_some(moved)}): CondLoRA generates A and B from W0, so the loaded model will not "
+                      "reproduce the saved model's outputs. Load it onto the base model it was trained on")
+
+
 def _sha256(config_text: str, tensors: dict) -> str:
     """sha256 of the config text, then of each tensor (sorted by name): name, dtype, shape and raw bytes."""
     digest = hashlib.sha256(config_text.encode())
@@ -144,7 +174,8 @@ def save_condlora(model: nn.Module, directory: PathLike) -> None:
     check_output_directory(directory, (WEIGHTS_NAME, CONFIG_NAME))
     tensors = _adapter_tensors(model)
     config = {"format_version": FORMAT_VERSION, "written_by": f"condlora_kernels {__version__}",
-              "apply_condlora_calls": _apply_calls(model), "layers": _layer_descriptions(model)}
+              "apply_condlora_calls": _apply_calls(model), "layers": _layer_descriptions(model),
+              "base_weights": _base_fingerprint(model)}
     config_text = json.dumps(config, sort_keys=True)
     sha256 = _sha256(config_text, tensors)
     metadata = {_META_VERSION: str(FORMAT_VERSION), _META_CONFIG: config_text, _META_SHA256: sha256}
@@ -241,6 +272,10 @@ def _check_config(path: str, config) -> None:
     layers = config["layers"]
     if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
         raise ValueError(f"{path}: the stored config's layers must map layer names to descriptions, got {layers!r}")
+    base = config.get("base_weights", {})  # absent in files of earlier versions
+    if not isinstance(base, dict) or not all(isinstance(v, list) and len(v) == 2 and
+                                             all(isinstance(x, (int, float)) for x in v) for v in base.values()):
+        raise ValueError(f"{path}: the stored config's base_weights must map layer names to [sum, norm], got {base!r}")
 
 
 def _check_readable_copy(json_path: str, config: dict, sha256: str) -> None:
@@ -371,6 +406,14 @@ def _check_fits(model: nn.Module, adapter: Adapter, directory: str, tensors: dic
                             f"{tuple(params[name].shape)} in the model")
     if problems:
         raise ValueError(f"the adapter in {directory} does not fit the model:\n  " + "\n  ".join(problems))
+    on_meta = sorted(name for name in tensors if params[name].is_meta)
+    if on_meta:
+        raise ValueError(f"parameters {_some(on_meta)} are on the meta device, which holds no values: load the base "
+                         "model's weights (e.g. to_empty(), then its state_dict) before load_condlora")
+    if any(layer.weight.is_meta for layer in condlora_layers(model).values()):
+        raise ValueError("the CondLoRA layers' frozen weights are on the meta device: load the base model's weights "
+                         "before load_condlora (A and B are generated from them)")
+    _check_base_weights(model, adapter.config.get("base_weights"), directory)
     return {name: tensor.to(device=params[name].device, dtype=params[name].dtype) for name, tensor in tensors.items()}
 
 
