@@ -285,3 +285,18 @@ def test_missing_and_empty_weights_are_named_on_every_route(paper, backend):
         condlora_linear(x, w, b, ta, None, 1.0, backend=backend)
     with pytest.raises(ValueError, match=r"weight must have d_out >= 1 and d_in >= 1, got \(0, 0\)"):
         condlora_linear(x[:, :0], torch.empty(0, 0), None, ta[:, :0], tb[:, :0], 1.0, backend=backend)
+
+
+@pytest.mark.parametrize("break_weight, match", [
+    (lambda lin: setattr(lin, "weight", torch.nn.Parameter(torch.ones(4, 4, dtype=torch.int8), requires_grad=False)),
+     r"target layer proj has no floating 2-D weight \(dtype torch.int8, shape \(4, 4\)\)"),
+    (lambda lin: setattr(lin, "weight", None), r"target layer proj has no floating 2-D weight \(NoneType\)"),
+])
+def test_apply_condlora_names_a_target_without_a_float_weight(break_weight, match):
+    from condlora_kernels import apply_condlora
+
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4)})
+    break_weight(model["proj"])
+    with pytest.raises(TypeError, match=match):
+        apply_condlora(model, ["proj"], r=2)
+    assert type(model["proj"]) is torch.nn.Linear and not hasattr(model, "condlora_config")

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional, Union
 
+import torch
 from torch import nn
 
 from condlora_kernels._validation import (check_dropout_p, check_mode, check_rank, check_recompute_weight_cast,
@@ -291,6 +292,13 @@ def _match_targets(model: nn.Module, modules: dict, targets, existing_layers: li
                              f"some linear layers: {list(linears)[:4]}")
     earlier_saved = _modules_to_save_names(model)
     for linear, _ in matches.values():
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+            described = (f"dtype {weight.dtype}, shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+                         else type(weight).__name__)
+            raise TypeError(f"target layer {names_of[id(linear)][0]} has no floating 2-D weight ({described}): "
+                            "CondLoRA generates A and B from W0, which must be a float tensor (quantised layers "
+                            "are not supported); leave it out of target_modules")
         for name in names_of[id(linear)]:
             parent = modules.get(name.rpartition(".")[0]) if "." in name else model
             if isinstance(parent, nn.MultiheadAttention):
