@@ -300,3 +300,12 @@ def test_apply_condlora_names_a_target_without_a_float_weight(break_weight, matc
     with pytest.raises(TypeError, match=match):
         apply_condlora(model, ["proj"], r=2)
     assert type(model["proj"]) is torch.nn.Linear and not hasattr(model, "condlora_config")
+
+
+def test_apply_condlora_refuses_bytes_as_target_modules():
+    from condlora_kernels import apply_condlora
+
+    model = torch.nn.ModuleDict({"query": torch.nn.Linear(4, 4)})
+    with pytest.raises(TypeError, match=r"target_modules must be a list of module names or one regex string, "
+                                        r"got b'query'"):
+        apply_condlora(model, b"query", r=2)

@@ -187,7 +187,7 @@ def _check_target_modules(target_modules) -> Union[str, list]:
         except re.error as e:
             raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {e}") from None
         return target_modules
-    if target_modules is None or not isinstance(target_modules, Iterable):
+    if target_modules is None or not isinstance(target_modules, Iterable) or isinstance(target_modules, bytes):
         raise TypeError(f"target_modules must be a list of module names or one regex string, got {target_modules!r}")
     targets = list(target_modules)
     if not targets:
