@@ -5,6 +5,7 @@ are there; the targets' logic is checked on a made-up GPU result."""
 import importlib.util
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from condlora_kernels.bench import report
-from condlora_kernels.bench.cli import _levels, _settings, main, parse_args, summary_lines, target_lines
+from condlora_kernels.bench.cli import (InputError, _levels, _settings, main, parse_args, summary_lines,
+                                        target_lines)
 from condlora_kernels.bench.first_step import measure_first_steps
 from condlora_kernels.bench.providers import PROVIDER_NAMES, flop_count
 from condlora_kernels.bench.shapes import MODEL_MODES, MODES, KernelShape, Settings
@@ -139,8 +141,8 @@ def test_a_stopped_run_keeps_what_it_measured(quick_run, tmp_path, monkeypatch):
     def measure_then_stop(self, case, precision, mode, provider):
         if self.rows:
             raise KeyboardInterrupt  # what `timeout` does to the run, as far as the suite is concerned
-        row = {"provider": provider, "model": case.name, "mode": mode, "precision": precision, "status": "ok",
-               "median_ms": 1.0, "point_s": 0.0, "ratio_to_frozen": None, "ratio_to_peft": None}
+        row = {"provider": provider, "model": case.name, "mode": mode, "precision": precision, "dropout": 0.0,
+               "status": "ok", "median_ms": 1.0, "point_s": 0.0, "ratio_to_frozen": None, "ratio_to_peft": None}
         self.rows.append(row)
         return Point([row])
 
@@ -175,14 +177,14 @@ def test_settings_and_levels_from_options():
 def test_models_option_keeps_the_named_cases():
     cuda_settings = _settings(parse_args(["--models", "llama-4096-2L"]), torch.device("cuda"))
     assert [case.name for case, _ in cuda_settings.model_cases] == ["llama-4096-2L"]
-    with pytest.raises(SystemExit, match="matches none of .*roberta-tiny"):
+    with pytest.raises(InputError, match="matches none of .*roberta-tiny"):
         _settings(parse_args(["--models", "roberta-base"]), torch.device("cpu"))  # CPU runs the tiny cases
 
 
 def test_rounds_option():
     assert _settings(parse_args([]), torch.device("cpu")).model_rounds == 1
     assert _settings(parse_args(["--rounds", "3"]), torch.device("cuda")).model_rounds == 3
-    with pytest.raises(SystemExit, match="--rounds must be >= 1, got 0"):
+    with pytest.raises(InputError, match="--rounds must be >= 1, got 0"):
         _settings(parse_args(["--rounds", "0"]), torch.device("cpu"))
 
 
@@ -347,3 +349,67 @@ def test_flop_count_matches_design_cost_model():
     assert flop_count("frozen", shape, "forward") == 2 * n * d * d
     assert flop_count("condlora", shape, "forward") == 2 * n * d * d + 4 * r * d * d + 2 * n * r * 2 * d
     assert flop_count("lora", shape, "forward+backward") == 4 * n * d * d + 3 * 2 * n * r * 2 * d
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--only", "host", "--shapes", "8.5,16,16,2"], "--shapes: '8.5,16,16,2' is not four integers >= 1"),
+    (["--only", "host", "--shapes", "8,16,16"], "--shapes: '8,16,16' is not four integers >= 1"),
+    (["--only", "kernel", "--shapes", "8,16,16,2"], "--shapes 8,16,16,2 matches none of this run's shapes: 256,64"),
+    (["--only", "host", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--only", "model", "--dropout", "1.5"], r"--dropout must be in \[0, 1\), got 1.5"),
+    (["--only", "model", "--dropout=-0.5"], r"--dropout must be in \[0, 1\), got -0.5"),
+    (["--only", "host", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+])
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, options, message):
+    out = tmp_path / "out"
+    assert main(["--quick", "--device", "cpu", "--no-plot", "--output", str(out), *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("condlora bench: ") and re.search(message, err[0]), err
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot be read as a condlora bench result"),
+    ("", "cannot be read as a condlora bench result"),
+    ("[1, 2, 3]", "a JSON list, not an object"),
+    ('{"schema": 2}', "lacks"),
+    ('{"foo": 1}', "not a condlora bench result of schema 2"),
+])
+def test_markdown_and_merge_of_a_bad_file_are_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "cpu-quick.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["--markdown", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("condlora bench: --markdown ") and message in err[0], err
+    if content is not None:
+        before = path.read_bytes()
+        assert main(["--quick", "--device", "cpu", "--only", "host", "--merge", "--no-plot", "--output",
+                     str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err and path.read_bytes() == before  # refused before any point
+
+
+def test_merge_into_another_devices_result_is_refused_before_any_point(quick_run, tmp_path, capsys):
+    _, out = quick_run
+    results = json.loads((out / "cpu-quick.json").read_text())
+    results["environment"]["device"] = "NVIDIA H200"
+    (tmp_path / "cpu-quick.json").write_text(json.dumps(results))
+    assert main(["--quick", "--device", "cpu", "--only", "host", "--merge", "--no-plot", "--output",
+                 str(tmp_path)]) == 2
+    assert "is from 'NVIDIA H200', this run from 'CPU'" in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["--quick", "--device", "cpu", "--only", "host", "--no-plot", "--output", str(tmp_path / "file")]) == 2
+    assert "--output" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+
+
+def test_a_run_whose_points_raised_exits_1(tmp_path, monkeypatch, capsys):
+    """The rows are written (status 'error', the message in the JSON), and the exit code tells a script."""
+    from condlora_kernels.bench import host
+
+    monkeypatch.setattr(host, "host_steps", lambda device: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert main(["--quick", "--device", "cpu", "--only", "host", "--no-plot", "--output", str(tmp_path)]) == 1
+    rows = json.loads((tmp_path / "cpu-quick.json").read_text())["host"]
+    assert {r["status"] for r in rows} == {"error"} and "boom" in rows[0]["reason"]

@@ -121,7 +121,26 @@ class _PlainProgress:
         pass
 
 
+class InputError(Exception):
+    """A bad option or input file: main prints it on one line and returns 2, before any point is measured."""
+
+
+def _shape(text: str) -> tuple:
+    """N,D_IN,D_OUT,R: four integers >= 1."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise InputError(f"--shapes: {text!r} is not four integers >= 1, N,D_IN,D_OUT,R (e.g. 8192,768,768,8)")
+    return shape
+
+
 def _settings(args, device: torch.device) -> Settings:
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise InputError(f"--dropout must be in [0, 1), got {args.dropout}")
     settings = Settings.for_device(device.type, quick=args.quick)
     if args.dtypes:
         settings.dtypes = tuple(args.dtypes)
@@ -137,21 +156,22 @@ def _settings(args, device: torch.device) -> Settings:
         settings.first_step = args.first_step
     if args.rounds is not None:
         if args.rounds < 1:
-            raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+            raise InputError(f"--rounds must be >= 1, got {args.rounds}")
         settings.model_rounds = args.rounds
     if args.providers:  # what is named runs in every mode
         settings.eager_only_providers = tuple(p for p in settings.eager_only_providers if p not in args.providers)
     if args.shapes:
-        wanted = {tuple(int(v) for v in s.split(",")) for s in args.shapes}
+        wanted = {_shape(text) for text in args.shapes}
         known = settings.shapes
         settings.shapes = tuple(s for s in known if (s.n, s.d_in, s.d_out, s.r) in wanted)
         if not settings.shapes:
-            raise SystemExit(f"--shapes {args.shapes} matches none of {[s.key for s in known]}")
+            raise InputError(f"--shapes {' '.join(args.shapes)} matches none of this run's shapes: "
+                             f"{' '.join(f'{s.n},{s.d_in},{s.d_out},{s.r}' for s in known)}")
     if args.models:
         known_cases = settings.model_cases
         settings.model_cases = tuple((case, p) for case, p in known_cases if case.name in args.models)
         if not settings.model_cases:
-            raise SystemExit(f"--models {args.models} matches none of {[case.name for case, _ in known_cases]}")
+            raise InputError(f"--models {args.models} matches none of {[case.name for case, _ in known_cases]}")
     return settings
 
 
@@ -199,8 +219,24 @@ def main(argv=None) -> int:
     if argv[:1] == ["--"]:  # `condlora bench -- --quick`: the separator that the top-level parser passes on
         argv = argv[1:]
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except InputError as exc:
+        print(f"condlora bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _read_result(path: str, option: str) -> dict:
+    try:
+        return report.read_json(path)
+    except ValueError as exc:
+        raise InputError(f"{option} {exc}") from None
+
+
+def _run(args) -> int:
+    """main's body: 0, 1 when a point of this run raised (its message is in the JSON), InputError before any work."""
     if args.markdown:
-        print(report.markdown(report.read_json(args.markdown)), end="")
+        print(report.markdown(_read_result(args.markdown, "--markdown")), end="")
         return 0
 
     if args.device == "auto":
@@ -235,10 +271,15 @@ def main(argv=None) -> int:
           f"model points ({', '.join(settings.model_modes)}), {len(host_devices)} host-time devices, "
           f"{len(first_step_providers)} first-step providers{' (quick)' if settings.quick else ''}", file=sys.stderr)
     first_step_rows = []
-    os.makedirs(args.output, exist_ok=True)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise InputError(f"--output {args.output} is a file, not a folder")
     env = report.environment(device)  # once: the JSON is rewritten after every point
     stem = os.path.join(args.output, report.device_slug({"environment": env}) + ("-quick" if settings.quick else ""))
-    previous = report.read_json(stem + ".json") if args.merge and os.path.exists(stem + ".json") else None
+    previous = _read_result(stem + ".json", "--merge") if args.merge and os.path.exists(stem + ".json") else None
+    if previous is not None and previous["environment"].get("device") != env.get("device"):
+        raise InputError(f"--merge: {stem}.json is from {previous['environment'].get('device')!r}, this run from "
+                         f"{env.get('device')!r}; write to another --output")
+    os.makedirs(args.output, exist_ok=True)
 
     def save() -> dict:
         """Write what is measured so far, after every point: a run stopped by a time limit keeps its rows."""
@@ -294,7 +335,9 @@ def main(argv=None) -> int:
     for line in summary_lines(results) + target_lines(results):
         print(line)
     print("wrote " + ", ".join(written))
-    return 0
+    raised = [r for rows in (kernels.rows, models.rows, hosts.rows, first_step_rows) for r in rows
+              if r["status"] == "error"]
+    return 1 if raised else 0  # the rows are written either way; a script sees that this run had errors
 
 
 if __name__ == "__main__":

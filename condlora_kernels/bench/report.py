@@ -102,12 +102,25 @@ def write_json(results: dict, path: str) -> None:
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
-        results = json.load(f)
+    """A result file, checked for what the report and --merge read (ValueError naming the file otherwise)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as exc:  # a missing file, a folder, not JSON
+        raise ValueError(f"{path}: cannot be read as a condlora bench result ({type(exc).__name__}: {exc})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: not a condlora bench result (a JSON {type(results).__name__}, not an object)")
     if results.get("schema") == 1:
-        return _upgrade_schema_1(results)
+        results = _upgrade_schema_1(results)
     if results.get("schema") != SCHEMA:
         raise ValueError(f"{path}: not a condlora bench result of schema {SCHEMA} (got {results.get('schema')!r})")
+    missing = [key for key in ("environment", "created", "settings") if key not in results]
+    if missing or not isinstance(results["environment"], dict):
+        raise ValueError(f"{path}: a condlora bench result lacks {missing or ['environment (an object)']}")
+    for level in ROW_KEYS:
+        rows = results.get(level, [])
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "status" in r for r in rows):
+            raise ValueError(f"{path}: its {level!r} rows must be a list of objects with a status")
     return results
 
 
@@ -137,7 +150,7 @@ def fill_model_ratios(rows: list) -> None:
 # What identifies a row of each level: a run in parts (`condlora bench --merge`) replaces the rows it measured again.
 ROW_KEYS = {
     "kernel": ("provider", "shape", "mode", "dtype", "timer", "repeat"),
-    "model": ("model", "precision", "mode", "provider"),
+    "model": ("model", "precision", "mode", "provider", "dropout"),
     "host": ("device_type", "provider"),
     "first_step": ("model", "precision", "provider"),
 }
