@@ -206,6 +206,10 @@ def _bad_csv(tmp_path, kind):
         path.write_bytes("text,label\ngood,pos\nbad,neg\ncaf\u00e9 cr\u00e8me,pos\n".encode("latin-1"))
     elif kind == "one row per class":
         write_csv(path, [("good", "pos"), ("bad", "neg")])
+    elif kind == "unquoted comma":
+        path.write_text("text,label\ngood film,pos\nslow, dull film,neg\nbad,neg\n")
+    elif kind == "open quote":
+        path.write_text('text,label\ngood,pos\n"bad film,neg\nfine,pos\n')
     return str(path)
 
 
@@ -219,6 +223,8 @@ BAD_CSV_MESSAGES = {
     "one class": "column 'label' of ",
     "not utf-8": "bad.csv is not UTF-8 text: byte 0xe9 at offset 31 (line 4); save it as UTF-8",
     "one row per class": "too few rows to hold out an evaluation split (2 rows)",
+    "unquoted comma": "bad.csv: the header has 2 fields, but line 3 has 3; a text with a comma must be quoted",
+    "open quote": "bad.csv is not a readable CSV (the row starting on line 3: unexpected end of data)",
 }
 
 
@@ -321,3 +327,66 @@ def test_lr_sweep_time_limit_keeps_what_finished(model_dir, two_class_csv, tmp_p
     record = json.loads((out / "lr_sweep.json").read_text())
     assert record["points"] == [] and not record["complete"] and record["settings"]["grid_points"] == 2
     assert "| method | adapter params | lr |" in (out / "lr_sweep.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-length", "2"], "--max-length 2: at least 3"),
+    (["--max-length", "100000"], "--max-length 100000: the model"),
+    (["--device", "meta"], "--device 'meta': condlora finetune trains on cpu or cuda"),
+])
+def test_options_checked_before_training(model_dir, two_class_csv, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert run_finetune(model_dir, two_class_csv, out, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--lr", "inf"], ["--seed", "99999999999999999999"]])
+def test_out_of_range_numbers_are_argument_errors(model_dir, two_class_csv, tmp_path, capsys, extra):
+    with pytest.raises(SystemExit) as exit_info:
+        run_finetune(model_dir, two_class_csv, tmp_path / "out", *extra)
+    assert exit_info.value.code == 2 and extra[0] in capsys.readouterr().err
+
+
+def test_output_that_cannot_be_made_is_refused_before_training(model_dir, two_class_csv, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run_finetune(model_dir, two_class_csv, tmp_path / "file" / "sub") == 2
+    assert "is not a folder this process can write to" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_the_earlier_results(model_dir, two_class_csv, tmp_path, monkeypatch):
+    """results.json and loss_curve.png are renamed into place only once both are written."""
+    from condlora_kernels.finetune import cli
+
+    out = tmp_path / "out"
+    assert run_finetune(model_dir, two_class_csv, out, "--method", "lora", "--max-train-examples", "8") == 0
+    before = {name: (out / name).read_bytes() for name in ("results.json", "loss_curve.png")}
+
+    def failing_plot(*args, **kwargs):
+        raise OSError("simulated full disk")
+
+    monkeypatch.setattr(cli, "plot_losses", failing_plot)
+    with pytest.raises(OSError, match="simulated full disk"):
+        run_finetune(model_dir, two_class_csv, out, "--method", "lora", "--max-train-examples", "8", "--seed", "3")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["loss_curve.png", "results.json"]  # no temporary file
+
+
+def test_interrupt_is_one_line_and_exit_130(model_dir, two_class_csv, tmp_path, monkeypatch, capsys):
+    from condlora_kernels.finetune import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "finetune", interrupted)
+    assert run_finetune(model_dir, two_class_csv, tmp_path / "out") == 130
+    assert capsys.readouterr().err.strip() == "condlora finetune: interrupted; --output is as it was"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_loss_is_written_as_null(tmp_path):
+    from condlora_kernels.finetune.cli import _strict_json
+
+    assert _strict_json({"a": [1.0, float("nan")], "b": float("inf"), "c": "x"}) == {"a": [1.0, None], "b": None,
+                                                                                      "c": "x"}

@@ -25,6 +25,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import sys
 from typing import Optional
@@ -100,11 +101,25 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive, finite {kind.__name__}, got {text}")
         return value
 
     return parse
+
+
+def _seed(text: str) -> int:
+    """An integer torch.manual_seed takes: within int64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(1 << 63) <= value < (1 << 64):
+        raise argparse.ArgumentTypeError(f"expected an integer within 64 bits, got {text}")
+    return value
+
+
+MIN_LENGTH = 3  # [CLS] and [SEP] take two tokens: at least one of the sentence's
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "recommended rate, " + ", ".join(f"{m} {lr:g}" for m, lr in RECOMMENDED_LR.items())
                        + f", or {SHORT_RUN_LR['condlora']:g} for runs under {SHORT_RUN_STEPS} optimizer steps)")
     train.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:N")
-    train.add_argument("--seed", type=int, default=0, help="head initialisation, batch order and dropout "
-                                                           "(the split does not depend on it)")
+    train.add_argument("--seed", type=_seed, default=0, help="head initialisation, batch order and dropout "
+                                                             "(the split does not depend on it)")
     train.add_argument("--backend", default="auto", choices=("auto",) + tuple(BACKEND_NAMES),
                        help="CondLoRA's backend (default auto: triton or cuda on a GPU, cpu on the CPU)")
     train.add_argument("--recompute-weight-cast", action="store_true",
@@ -240,13 +255,6 @@ def plot_losses(results: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _write_json(path: str, record: dict) -> None:
-    temp = path + ".tmp"
-    with open(temp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(temp, path)
-
-
 def run(args, argv) -> int:
     # Every input is checked before the first training step: a bad one costs no training time.
     processes = parallel.from_environment()  # under torchrun: this process's rank and the number of processes
@@ -254,10 +262,13 @@ def run(args, argv) -> int:
     methods = METHODS if args.method == "both" else (args.method,)
     if "condlora" in methods:
         condlora_backend_name(args.backend, device)
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise InputError(f"--output {args.output} is a file, not a folder")
+    check_output_folder(args.output)
+    if args.max_length < MIN_LENGTH:
+        raise InputError(f"--max-length {args.max_length}: at least {MIN_LENGTH} (the tokenizer's two special "
+                         "tokens and one of the sentence's)")
     default_model = default_model_path() if args.model is None else None
     model_path = check_model_path(args.model or default_model)
+    check_max_length(model_path, args.max_length)
     dataset = load_csv(args.data, args.text_column, args.label_column, args.labels)
     max_train, max_eval, epochs = resolve_sizes(args, device)
     data = prepare_data(dataset, load_tokenizer(model_path), args.max_length, max_train, max_eval)
@@ -295,12 +306,63 @@ def run(args, argv) -> int:
     print("\n".join(table_lines(results)))
     os.makedirs(args.output, exist_ok=True)
     results_path = os.path.join(args.output, "results.json")
-    _write_json(results_path, make_results(argv, model, data, common, device, results))
     plot_path = os.path.join(args.output, "loss_curve.png")
-    plot_losses(results, plot_path, f"{model['name']}\non {os.path.basename(data.source)}: {len(data.train):,} "
-                                    f"training sentences, {epochs} epoch(s), seed {args.seed}, {device.type}")
+    title = (f"{model['name']}\non {os.path.basename(data.source)}: {len(data.train):,} training sentences, "
+             f"{epochs} epoch(s), seed {args.seed}, {device.type}")
+    _write_pair(results_path, make_results(argv, model, data, common, device, results),
+                plot_path, lambda path: plot_losses(results, path, title))
     print(f"wrote {results_path} and {plot_path}")
     return 0
+
+
+def check_output_folder(output: str) -> None:
+    """--output is a folder, or can be made: checked before any training (an existing folder is left as it is
+    until both files are written)."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise InputError(f"--output {output} is a file, not a folder")
+    ancestor = os.path.abspath(output)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"--output {output}: {ancestor} is not a folder this process can write to")
+
+
+def check_max_length(model_path: str, max_length: int) -> None:
+    """--max-length within the model's position embeddings (a longer sentence would fail at the first step)."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        positions = json.load(f).get("max_position_embeddings")
+    if isinstance(positions, int) and max_length > positions:
+        raise InputError(f"--max-length {max_length}: the model ({model_path}) has {positions} positions")
+
+
+def _strict_json(value):
+    """`value` with every NaN or infinity (a diverged run's losses) as null: the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def _write_pair(json_path: str, record: dict, plot_path: str, plot) -> None:
+    """results.json and loss_curve.png, each written to a temporary file first and renamed only once both are
+    complete: a failure leaves the folder's earlier pair as it was, and no temporary file."""
+    temps = [json_path + ".tmp", plot_path + ".tmp.png"]
+    try:
+        with open(temps[0], "w") as f:
+            json.dump(_strict_json(record), f, indent=2, allow_nan=False)
+        plot(temps[1])
+        for temp, path in zip(temps, (json_path, plot_path)):
+            if os.path.isdir(path):
+                raise InputError(f"{path} is a folder, where the results go: remove it or choose another --output")
+        os.replace(temps[0], json_path)
+        os.replace(temps[1], plot_path)
+    finally:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.remove(temp)
 
 
 def main(argv=None) -> int:
@@ -312,3 +374,6 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"condlora finetune: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: nothing was written (the results are written at the end, whole)
+        print("condlora finetune: interrupted; --output is as it was", file=sys.stderr)
+        return 130

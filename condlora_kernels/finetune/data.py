@@ -119,11 +119,28 @@ def load_csv(path: Optional[str] = None, text_column: Optional[str] = None, labe
     content = _read_text(path)
     if not content.strip():
         raise InputError(f"{path} is empty")
-    try:
-        rows = list(csv.reader(io.StringIO(content, newline="")))
-    except csv.Error as exc:
-        raise InputError(f"{path} is not a readable CSV: {exc}") from None
+    reader = csv.reader(io.StringIO(content, newline=""), strict=True)  # strict: a stray quote is an error
+    rows, lines = [], []  # the rows, and the line each starts on (a quoted text may span lines)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise InputError(f"{path} is not a readable CSV (the row starting on line {start}: {exc}); a text with a "
+                             "comma or a quote must be quoted, with quotes inside it doubled") from None
+        if row:  # csv gives a blank line as []
+            rows.append(row)
+            lines.append(start)
     header = [name.strip() for name in rows[0]]
+    # a row with more or fewer fields than the header would put its texts and labels in the wrong columns
+    uneven = [(line, len(row)) for line, row in zip(lines[1:], rows[1:]) if len(row) != len(header)]
+    if uneven:
+        shown = ", ".join(f"line {line} has {n}" for line, n in uneven[:5])
+        raise InputError(f"{path}: the header has {len(header)} fields, but {shown}"
+                         f"{f' (and {len(uneven) - 5} more rows)' if len(uneven) > 5 else ''}; a text with a comma "
+                         "must be quoted")
     for option, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in header:
             raise InputError(f"{path} has no column {column!r} ({option}); its columns are: "

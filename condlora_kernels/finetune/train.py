@@ -169,8 +169,12 @@ def resolve_device(device: str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise InputError(f"--device {device!r} is not a device (try auto, cpu, cuda, cuda:1)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: condlora finetune trains on cpu or cuda")
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: torch sees no CUDA device here (use --device cpu)")
+        raise InputError(f"--device {device}: torch sees no CUDA device here (use --device cpu)")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return resolved
 
 
@@ -296,5 +300,6 @@ def finetune(method: str, model_path: str, data: PreparedData, settings: TrainSe
                         examples_per_s=settings.epochs * len(data.train) / train_seconds,
                         train_seconds=train_seconds, lr=settings.lr, steps=total_steps,
                         train_examples=len(data.train), eval_examples=len(data.eval), eval_seconds=eval_seconds,
-                        eval_loss=eval_loss, diverged=not all(math.isfinite(v) for v in losses), backend=backend,
+                        eval_loss=eval_loss, diverged=not all(math.isfinite(v) for v in losses + [eval_loss]),
+                        backend=backend,
                         losses=losses, processes=processes.size)
