@@ -208,6 +208,8 @@ def _bad_csv(tmp_path, kind):
         write_csv(path, [("good", "pos"), ("bad", "neg")])
     elif kind == "unquoted comma":
         path.write_text("text,label\ngood film,pos\nslow, dull film,neg\nbad,neg\n")
+    elif kind == "repeated column":
+        path.write_text("text,label,label\ngood,pos,neg\nbad,neg,pos\n")
     elif kind == "open quote":
         path.write_text('text,label\ngood,pos\n"bad film,neg\nfine,pos\n')
     return str(path)
@@ -224,6 +226,7 @@ BAD_CSV_MESSAGES = {
     "not utf-8": "bad.csv is not UTF-8 text: byte 0xe9 at offset 31 (line 4); save it as UTF-8",
     "one row per class": "too few rows to hold out an evaluation split (2 rows)",
     "unquoted comma": "bad.csv: the header has 2 fields, but line 3 has 3; a text with a comma must be quoted",
+    "repeated column": "bad.csv has 2 columns named 'label' (--label-column): rename them",
     "open quote": "bad.csv is not a readable CSV (the row starting on line 3: unexpected end of data)",
 }
 

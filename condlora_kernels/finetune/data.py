@@ -145,6 +145,9 @@ def load_csv(path: Optional[str] = None, text_column: Optional[str] = None, labe
         if column not in header:
             raise InputError(f"{path} has no column {column!r} ({option}); its columns are: "
                             + ", ".join(repr(name) for name in header))
+        if header.count(column) > 1:
+            raise InputError(f"{path} has {header.count(column)} columns named {column!r} ({option}): rename them "
+                             "so that the column to use is unambiguous")
     text_at, label_at = header.index(text_column), header.index(label_column)
     if len(rows) == 1:
         raise InputError(f"{path} has a header but no rows")
