@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from condlora_kernels._argparse import ArgumentParser
+
 
 def _check_cases(device: str):
     dtypes = [torch.float32, torch.float64] if device == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         from condlora_kernels.finetune.cli import main as finetune_main
 
         return finetune_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="condlora", description=__doc__,
+    parser = ArgumentParser(prog="condlora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("check", help="check every available backend against the reference (default)")

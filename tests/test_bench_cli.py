@@ -413,3 +413,10 @@ def test_a_run_whose_points_raised_exits_1(tmp_path, monkeypatch, capsys):
     assert main(["--quick", "--device", "cpu", "--only", "host", "--no-plot", "--output", str(tmp_path)]) == 1
     rows = json.loads((tmp_path / "cpu-quick.json").read_text())["host"]
     assert {r["status"] for r in rows} == {"error"} and "boom" in rows[0]["reason"]
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--only", "everything"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("condlora bench: error: argument --only"), err

@@ -393,3 +393,11 @@ def test_a_nan_loss_is_written_as_null(tmp_path):
 
     assert _strict_json({"a": [1.0, float("nan")], "b": float("inf"), "c": "x"}) == {"a": [1.0, None], "b": None,
                                                                                       "c": "x"}
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--epochs", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("condlora finetune: error: argument --epochs: expected a positive int, got 0")

@@ -30,6 +30,7 @@ import warnings
 
 import torch
 
+from condlora_kernels._argparse import ArgumentParser
 from condlora_kernels.bench import report
 from condlora_kernels.bench.first_step import first_step_plan, measure_first_steps
 from condlora_kernels.bench.host import HostSuite
@@ -47,7 +48,7 @@ QUICK_HELP = ("fewer shapes and model cases, shorter timings. CPU: the kernel le
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="condlora bench", description=__doc__,
+    parser = ArgumentParser(prog="condlora bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     parser.add_argument("--output", default="condlora-bench", help="directory for the JSON and PNG (created)")

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from condlora_kernels._argparse import ArgumentParser
 from condlora_kernels.finetune import parallel
 from condlora_kernels.finetune.data import InputError, PreparedData, load_csv, prepare_data
 from condlora_kernels.finetune.train import (METHOD_TITLES, METHODS, RECOMMENDED_LR, ALPHA, RANK, TARGET_MODULES,
@@ -101,8 +102,10 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"expected a positive, finite {kind.__name__}, got {text}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite {kind.__name__}, got {text}")
         return value
 
     return parse
@@ -125,7 +128,7 @@ MIN_LENGTH = 3  # [CLS] and [SEP] take two tokens: at least one of the sentence'
 def build_parser() -> argparse.ArgumentParser:
     from condlora_kernels.ops.backends import BACKEND_NAMES
 
-    parser = argparse.ArgumentParser(prog="condlora finetune", description=__doc__,
+    parser = ArgumentParser(prog="condlora finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="CSV", help="a CSV file (also .bz2/.gz/.xz), UTF-8, with a header row "
