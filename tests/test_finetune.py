@@ -224,7 +224,7 @@ BAD_CSV_MESSAGES = {
     "missing column": "bad.csv has no column 'text' (--text-column); its columns are: 'sentence', 'label'",
     "one class": "column 'label' of ",
     "not utf-8": "bad.csv is not UTF-8 text: byte 0xe9 at offset 31 (line 4); save it as UTF-8",
-    "one row per class": "too few rows to hold out an evaluation split (2 rows)",
+    "one row per class": "too few rows to hold out an evaluation split (2 rows; a class needs two or more rows",
     "unquoted comma": "bad.csv: the header has 2 fields, but line 3 has 3; a text with a comma must be quoted",
     "repeated column": "bad.csv has 2 columns named 'label' (--label-column): rename them",
     "open quote": "bad.csv is not a readable CSV (the row starting on line 3: unexpected end of data)",
@@ -401,3 +401,9 @@ def test_argument_errors_are_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1, err
     assert err[0].startswith("condlora finetune: error: argument --epochs: expected a positive int, got 0")
+
+
+def test_empty_labels_option_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--labels", " , "])
+    assert exc.value.code == 2 and "expected class names separated by commas" in capsys.readouterr().err

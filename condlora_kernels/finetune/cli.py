@@ -92,8 +92,11 @@ def _count_or_all(text: str):
 
 
 def label_list(text: str) -> list:
-    """argparse type of --labels: comma-separated class names."""
-    return [name.strip() for name in text.split(",") if name.strip()]
+    """argparse type of --labels: comma-separated class names, at least one."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected class names separated by commas (e.g. pos,neg), got {text!r}")
+    return names
 
 
 def _positive(kind):

@@ -252,7 +252,7 @@ def prepare_data(dataset: TextDataset, tokenizer, max_length: int, max_train_exa
     train_idx, eval_idx = split_indices(dataset.labels)
     if not eval_idx:
         raise InputError(f"{dataset.source} has too few rows to hold out an evaluation split "
-                        f"({len(dataset.texts)} rows)")
+                        f"({len(dataset.texts)} rows; a class needs two or more rows to be held out and trained on)")
     train_idx, eval_idx = train_idx[:max_train_examples], eval_idx[:max_eval_examples]
 
     def encode(indices) -> EncodedSplit:
