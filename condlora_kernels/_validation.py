@@ -53,8 +53,8 @@ def check_dropout_p(dropout_p) -> float:
     return float(dropout_p)
 
 
-def check_features(name: str, value) -> int:
-    """in_features / out_features of a layer: an int >= 1."""
+def check_positive_int(name: str, value) -> int:
+    """A size or a rank (in_features, out_features, r): an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 1, got {value!r} of type {type(value).__name__}")
     if value < 1:
@@ -70,11 +70,7 @@ def check_float_dtype(name: str, dtype) -> None:
 
 
 def check_rank(r) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"r must be an int >= 1, got {type(r).__name__}")
-    if r < 1:
-        raise ValueError(f"r must be >= 1, got {r}")
-    return int(r)
+    return check_positive_int("r", r)
 
 
 def _check_tensor(name: str, t) -> None:

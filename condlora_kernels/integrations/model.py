@@ -23,8 +23,7 @@ from typing import Iterable, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from condlora_kernels._validation import (check_dropout_p, check_mode, check_rank, check_recompute_weight_cast,
-                                          check_scaling)
+from condlora_kernels._validation import check_dropout_p, check_mode, check_rank, check_recompute_weight_cast
 from condlora_kernels.modules.generator import CondLoRAGenerator
 from condlora_kernels.modules.linear import FusedCondLoRALinear, adapter_dtype, check_alpha, resolve_mode
 from condlora_kernels.ops.backends import check_backend_name
@@ -231,8 +230,8 @@ class _ApplyPlan:
 
 
 def _plan_apply(model: nn.Module, target_modules, r, alpha, dropout, mode, modules_to_save, backend) -> _ApplyPlan:
-    r, alpha, dropout = check_rank(r), check_alpha(alpha), check_dropout_p(dropout)
-    check_scaling(alpha / r)  # alpha = 1e300 would pass check_alpha and fail at the first forward
+    r = check_rank(r)
+    alpha, dropout = check_alpha(alpha, r), check_dropout_p(dropout)
     if mode != "auto":
         check_mode(mode)
     check_backend_name(backend)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from condlora_kernels import reference
-from condlora_kernels._validation import check_features, check_float_dtype, check_mode, check_rank
+from condlora_kernels._validation import check_float_dtype, check_mode, check_positive_int, check_rank
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -30,8 +30,8 @@ class CondLoRAGenerator(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int = 8, mode: str = "paper", *,
                  device=None, dtype=None):
         super().__init__()
-        in_features, out_features = check_features("in_features", in_features), check_features("out_features",
-                                                                                                  out_features)
+        in_features = check_positive_int("in_features", in_features)
+        out_features = check_positive_int("out_features", out_features)
         check_rank(r)
         check_mode(mode)
         check_float_dtype("dtype", dtype)

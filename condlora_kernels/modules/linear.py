@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora_kernels import reference
-from condlora_kernels._validation import (check_dropout_p, check_features, check_float_dtype, check_mode, check_rank,
-                                          check_recompute_weight_cast, check_scaling)
+from condlora_kernels._validation import (check_dropout_p, check_float_dtype, check_mode, check_positive_int,
+                                          check_rank, check_recompute_weight_cast, check_scaling)
 from condlora_kernels.integrations import distributed  # imported with the package: it records DDP instances
 from condlora_kernels.integrations.distributed import PLAIN_TENSOR_TYPES
 from condlora_kernels.modules.generator import HALF_DTYPES, CondLoRAGenerator
@@ -33,13 +33,16 @@ def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in HALF_DTYPES else weight_dtype
 
 
-def check_alpha(alpha) -> float:
-    """alpha (scaling = alpha / r) must be a positive finite real number; returned as a Python int or float."""
+def check_alpha(alpha, r: int) -> float:
+    """alpha (scaling = alpha / r) must be a positive finite real number, and alpha / r within float32's range (the
+    kernels multiply in float32; alpha = 1e300 would otherwise fail at the first forward); returned as a Python int
+    or float."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a positive finite real number (scaling = alpha / r), got {alpha!r} "
                         f"of type {type(alpha).__name__}")
     if not (math.isfinite(float(alpha)) and alpha > 0):
         raise ValueError(f"alpha must be a positive finite real number (scaling = alpha / r), got {alpha!r}")
+    check_scaling(alpha / r)
     return int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
 
 
@@ -65,8 +68,8 @@ class FusedCondLoRALinear(nn.Module):
                  dropout: float = 0.0, generator: Optional[CondLoRAGenerator] = None, mode: str = "auto",
                  backend: str = "auto", recompute_weight_cast: bool = False, device=None, dtype=None):
         super().__init__()
-        in_features, out_features = check_features("in_features", in_features), check_features("out_features",
-                                                                                                  out_features)
+        in_features = check_positive_int("in_features", in_features)
+        out_features = check_positive_int("out_features", out_features)
         check_rank(r)
         check_float_dtype("dtype", dtype)
         self.in_features, self.out_features = in_features, out_features
@@ -80,8 +83,7 @@ class FusedCondLoRALinear(nn.Module):
     def _configure(self, r, alpha, dropout, generator, mode, backend, recompute_weight_cast):
         self.mode = resolve_mode(mode, self.in_features, self.out_features)
         self.r = check_rank(r)
-        self.alpha = check_alpha(alpha)
-        check_scaling(self.alpha / self.r)  # checked by every call too; here so that a bad alpha fails at once
+        self.alpha = check_alpha(alpha, self.r)
         self.dropout = check_dropout_p(dropout)
         self.backend = check_backend_name(backend)
         self.recompute_weight_cast = check_recompute_weight_cast(recompute_weight_cast)

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from condlora_kernels import reference
+from condlora_kernels._validation import FLOAT_DTYPES
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 
@@ -228,12 +229,12 @@ def available_backends(device: str | torch.device = "cpu", dtype: torch.dtype = 
         raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:1', ...), got {device!r}") from exc
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got {dtype!r}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        reason = f"the op takes floating tensors (float16, bfloat16, float32, float64), got {dtype}"
-        return dict.fromkeys(BACKENDS, reason)
+    if dtype not in FLOAT_DTYPES:
+        return dict.fromkeys(BACKENDS, f"the op takes floating tensors (float16, bfloat16, float32, float64), got "
+                                       f"{dtype}")
     try:
         probe = torch.empty(0, device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as exc:  # no driver, no such device index, a torch built without CUDA
         reason = f"no tensor can be made on {device} here ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
-        return {name: reason for name in BACKENDS}
+        return dict.fromkeys(BACKENDS, reason)
     return {name: backend.unavailable_reason(probe) for name, backend in BACKENDS.items()}
