@@ -431,10 +431,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKern
   const auto options = weight.options().dtype(dtype);
   // an output may not alias an input: the weight comes back only when it had to be cast (else an empty tensor)
   const at::Tensor weight_out = at::empty({cast_weight ? d_out : 0, cast_weight ? d_in : 0}, options);
-  if (kernels.prepare != nullptr && mode == Mode::kPaper) {
+  if (kernels.prepare != nullptr) {
     at::Tensor lora_a = at::empty({r, d_in}, options), lora_b = at::empty({d_out, r}, options);
-    if (kernels.prepare(weight.contiguous(), theta_a.contiguous(), theta_b.contiguous(), cast_weight ? weight_out : at::Tensor(),
-                        lora_a, lora_b)) {
+    if (kernels.prepare(mode, weight.contiguous(), theta_a.contiguous(), theta_b.contiguous(),
+                        cast_weight ? weight_out : at::Tensor(), lora_a, lora_b)) {
       return {weight_out, lora_a, lora_b};
     }
   }

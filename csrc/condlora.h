@@ -92,11 +92,12 @@ struct DeviceKernels {
   bool (*token_reductions)(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
                            const at::Tensor& lora_b, double scaling, const at::Tensor& v_out, const at::Tensor& grad_a,
                            const at::Tensor& grad_b_t, const at::Tensor& grad_bias);
-  // Optional (nullptr: not provided). Paper mode: from W0 (d, d) in its dtype and theta_a, theta_b (r, d) in theirs,
-  // lora_a = theta_a W0^T (r, d) and lora_b = W0 theta_b^T (d, r) in the outputs' dtype, accumulated in float32,
-  // and weight_out = W0 in that dtype where weight_out is defined: one pass over W0 instead of a cast, two casts
-  // of theta and a GEMM. Inputs contiguous. Returns false, having written nothing, where it does not handle them.
-  bool (*prepare)(const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
+  // Optional (nullptr: not provided). The generation of docs/design.md §1 in the mode given: from W0 (d_out, d_in)
+  // in its dtype and theta_a, theta_b in theirs, lora_a (r, d_in) and lora_b (d_out, r) in the outputs' dtype,
+  // accumulated in float32, and weight_out = W0 in that dtype where weight_out is defined: one pass over W0 instead
+  // of a cast, two casts of theta and one GEMM (paper mode) or two (general mode). Inputs contiguous. Returns
+  // false, having written nothing, where it does not handle them.
+  bool (*prepare)(Mode mode, const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
                   const at::Tensor& weight_out, const at::Tensor& lora_a, const at::Tensor& lora_b);
 };
 

@@ -145,26 +145,46 @@ void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling,
   token_reduce(grad_y, u, std::nullopt, 0.0, at::Tensor(), 1.0, at::Tensor(), grad_b_t, scaling, grad_bias);
 }
 
-// Paper mode's generation in one pass over W0 (kernels.cu): for layers whose theta ([theta_a; theta_b], 2r x d)
-// stays in a multiprocessor's L1 cache, where the pass is bound by reading W0; the others take the cast and a GEMM.
-bool prepare_cuda(const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
+// The generation in one pass over W0 (kernels.cu), where a kernel takes the layer; otherwise the cast and GEMMs.
+//   - launch_prepare (paper mode, one block per row of W0): for layers whose theta ([theta_a; theta_b], 2r x d) stays
+//     in a multiprocessor's L1 cache, outside CUDA graphs. Inside a capture a launch costs no host time, and its
+//     GPU time lost to the cuBLAS path at small shapes (8192 x 768^2 r=8 on the H200: 43 against 85 us per forward,
+//     benchmarks/NOTES.md); outside one, the launches saved are host time saved (eager step 739 against 950 us).
+//   - launch_tiled_prepare (both modes, tensor cores): half-precision layers, including inside captures. It reads
+//     W0 once where the cast and cuBLAS read it two or three times (benchmarks/NOTES.md, fourteenth session).
+bool prepare_cuda(Mode mode, const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
                   const at::Tensor& weight_out, const at::Tensor& lora_a, const at::Tensor& lora_b) {
-  // Inside a CUDA graph capture a launch costs no host time, and the cuBLAS path has less GPU time at small
-  // shapes (8192 x 768^2 r=8 on the H200: 43 against 85 us per forward, benchmarks/NOTES.md); outside one, the
-  // launches saved are host time saved (eager step 739 against 950 us).
+  if (theta_a.scalar_type() != theta_b.scalar_type()) return false;
+  const bool paper = mode == Mode::kPaper;
+  const int64_t r = theta_a.size(0), d_out = weight.size(0), d_in = weight.size(1);
+  const cuda::DType weight_dtype = kernel_dtype(weight), theta_dtype = kernel_dtype(theta_b),
+                    out_dtype = kernel_dtype(lora_a);
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(current_stream(), &capture));
-  if (capture != cudaStreamCaptureStatusNone) return false;
-  const int64_t r = theta_a.size(0), d = weight.size(1);
-  if (theta_a.scalar_type() != theta_b.scalar_type() ||
-      !cuda::prepare_supported(kernel_dtype(weight), kernel_dtype(theta_b), kernel_dtype(lora_a), static_cast<int>(r), d)) {
+  void* weight_out_ptr = weight_out.defined() ? weight_out.data_ptr() : nullptr;
+  if (paper && capture == cudaStreamCaptureStatusNone &&
+      cuda::prepare_supported(weight_dtype, theta_dtype, out_dtype, static_cast<int>(r), d_in)) {
+    C10_CUDA_CHECK(cuda::launch_prepare(weight_dtype, theta_dtype, out_dtype, weight.data_ptr(), theta_a.data_ptr(),
+                                        theta_b.data_ptr(), d_in, static_cast<int>(r), weight_out_ptr,
+                                        lora_a.data_ptr(), lora_b.data_ptr(), current_stream()));
+    return true;
+  }
+  const int device = weight.get_device();
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  if (!aligned(weight) || !aligned(theta_a) || !aligned(theta_b)) return false;  // the pass copies 16 bytes at a time
+  if (!cuda::tiled_prepare_supported(weight_dtype, theta_dtype, out_dtype, paper, static_cast<int>(r), d_out, d_in,
+                                     device)) {
     return false;
   }
-  const at::Tensor& ta = theta_a;
-  C10_CUDA_CHECK(cuda::launch_prepare(kernel_dtype(weight), kernel_dtype(theta_b), kernel_dtype(lora_a),
-                                      weight.data_ptr(), ta.data_ptr(), theta_b.data_ptr(), d, static_cast<int>(r),
-                                      weight_out.defined() ? weight_out.data_ptr() : nullptr, lora_a.data_ptr(),
-                                      lora_b.data_ptr(), current_stream()));
+  const cuda::TiledPrepareGrid grid = cuda::tiled_prepare_grid(paper, d_out, d_in, device);
+  const auto partial_options = weight.options().dtype(at::kFloat);
+  const at::Tensor row_partial = at::empty({grid.column_strips, d_out, paper ? 2 * r : r}, partial_options);
+  const at::Tensor column_partial = at::empty({paper ? 0 : grid.row_blocks, r, d_in}, partial_options);
+  C10_CUDA_CHECK(cuda::launch_tiled_prepare(
+      weight_dtype, theta_dtype, out_dtype, paper, weight.data_ptr(), theta_a.data_ptr(), theta_b.data_ptr(), d_out,
+      d_in, static_cast<int>(r), grid, row_partial.data_ptr<float>(),
+      paper ? nullptr : column_partial.data_ptr<float>(), weight_out_ptr, lora_a.data_ptr(), lora_b.data_ptr(),
+      current_stream()));
   return true;
 }
 

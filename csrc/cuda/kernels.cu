@@ -1,14 +1,18 @@
-// Hand-written CUDA kernels of the CondLoRA ops: what cuBLAS cannot fuse. The GEMMs (generation of A and B, the
-// frozen GEMM, the rank-r products) run through ATen/cuBLAS in cuda_ops.cpp; these kernels do
+// Hand-written CUDA kernels of the CondLoRA ops: what cuBLAS cannot fuse. The GEMMs (the frozen GEMM, the rank-r
+// products, the generation where no kernel below takes it) run through ATen/cuBLAS in cuda_ops.cpp; these kernels do
 //   - the Philox dropout mask (one call per 8 elements), drawn from a seed read from device memory (so CUDA graphs
 //     replay correctly),
 //   - the reductions over tokens (dA, dB, db) with fp32 accumulators, fused with the mask and with the low-rank
-//     term of dx, so that the backward reads x once and dy once for all of them.
+//     term of dx, so that the backward reads x once and dy once for all of them,
+//   - the generation of A and B with W0's rounding in one pass over W0 (docs/design.md §4): one block per row for
+//     small paper-mode layers, a tiled tensor-core pass for the others.
 // Every index is int64; every launch goes to the stream and device the caller (cuda_ops.cpp) passes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "../philox.h"
 #include "kernels.cuh"
@@ -383,6 +387,249 @@ cudaError_t launch_prepare_typed(const void* weight, const void* theta_a, const 
   return run(prepare_kernel<TW, TT, TO, 32>);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Both modes' generation for large layers, on tensor cores (see launch_tiled_prepare in kernels.cuh). Every product
+// the generation needs is a reduction of W0 against theta, along one of W0's two axes (docs/design.md §4):
+//   along a row    R[i, n] = sum_j W0[i, j] theta_r[n, j]   paper: theta_r = [theta_a; theta_b] (R = [A^T | B])
+//                                                           general: theta_r = theta_b (R = B)
+//   along a column C[k, j] = sum_i theta_a[k, i] W0[i, j]   general only (C = A)
+// A block owns a rectangle of W0, rows [row0, row0 + BM) x one strip of columns, and walks it in 64 x 64 tiles:
+// it loads each tile once (writing its rounding, the weight the frozen GEMM uses), keeps it in shared memory as
+// 16-bit values, and feeds both reductions from there with WMMA (16-bit products, float32 sums). R is summed over
+// the strip in registers and written once per block; C is summed over the block's rows per column tile. Blocks of
+// other strips (for R) and of other row ranges (for C) write float32 partial sums, which finish_generation_kernel
+// adds up in a fixed order: the result is deterministic.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kTiledPrepareThreads = 256;  // 8 warps
+constexpr int kTile = 64;                  // W0 tile: kTile x kTile
+constexpr int kTilePitch = kTile + 8;      // 16-bit tiles' row pitch (a multiple of 8, as WMMA asks; fewer conflicts)
+constexpr int kStages = 3;                 // tiles being loaded while one is multiplied: 2 in flight per block
+constexpr int kPaperBlockRows = 64;        // rows per block: paper mode writes no column partials
+constexpr int kGeneralBlockRows = 256;     // general mode: each row block writes an (r, d_in) partial of C
+
+struct TiledPrepareArgs {  // launch_tiled_prepare's arguments, as the kernel reads them
+  const void* weight;
+  const void* theta_a;
+  const void* theta_b;
+  int64_t d_out, d_in;   // d_in a multiple of 8, the pointers 16-byte aligned: whole 16-byte copies
+  int r;
+  int64_t strip_cols;    // columns per strip, a multiple of kTile
+  void* weight_out;      // W0 rounded, or null
+  float* row_partial;    // (column strips, d_out, n_row) with n_row = 2r (paper) or r (general)
+  float* column_partial; // (row blocks, r, d_in), general mode only
+};
+
+// An asynchronous 16-byte copy from global to shared memory (sm_80), zeros where `inside` is false.
+__device__ __forceinline__ void copy_async_16(void* shared, const void* global, bool inside) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(inside ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void copy_async_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int pending>
+__device__ __forceinline__ void copy_async_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+// The shared memory of one block, carved from the dynamic allocation: the raw stages (W0 and theta_r tiles in
+// their own types, as copied), the 16-bit tiles WMMA reads, this block's rows of theta_a (general mode), and one
+// float fragment per warp for stores.
+template <typename TW, typename TT, typename T, int NR, int NC, int BM>
+struct TiledPrepareShared {  // each member aligned for 16-byte copies and WMMA's 32-byte pointers
+  alignas(128) TW w_raw[kStages][kTile][kTile];
+  alignas(128) TT theta_raw[kStages][NR][kTile];
+  alignas(128) T w_tile[kTile][kTilePitch];
+  alignas(128) T theta_row[NR][kTilePitch];
+  alignas(128) T theta_col[NC > 0 ? NC : 1][BM + 8];
+  alignas(128) float scratch[kTiledPrepareThreads / 32][16][16];
+};
+
+// T: the 16-bit type of the products and outputs; TW, TT: the types of W0 and theta (float32 masters, or T);
+// NR: the row-reduction width 2r or r rounded up to 16; NC: the column reduction's (0 in paper mode); BM: rows per
+// block (paper mode has no column partials, so small blocks; general mode needs tall ones to keep them few).
+// The tiles in order: column tile by column tile, each as BM / 64 row tiles, copied kStages - 1 tiles ahead.
+template <typename TW, typename TT, typename T, int NR, int NC, int BM>
+__global__ void __launch_bounds__(kTiledPrepareThreads, 2) tiled_prepare_kernel(TiledPrepareArgs args) {
+#if __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr bool kPaper = NC == 0;
+  constexpr int kWarps = kTiledPrepareThreads / 32;
+  constexpr int kRowTiles = BM / kTile;
+  constexpr int kRowFragments = (BM / 16) * (NR / 16);  // R's accumulators over the warps
+  constexpr int kRowFragmentsPerWarp = (kRowFragments + kWarps - 1) / kWarps;
+  constexpr int kColumnFragments = (NC / 16) * (kTile / 16);  // C's, per column tile
+  static_assert(kColumnFragments <= kWarps, "one column fragment per warp at most");
+  constexpr int kWChunk = 16 / sizeof(TW), kThetaChunk = 16 / sizeof(TT);  // elements per 16-byte copy
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  auto& sh = *reinterpret_cast<TiledPrepareShared<TW, TT, T, NR, NC, BM>*>(shared_bytes);
+
+  const TW* weight = static_cast<const TW*>(args.weight);
+  const TT* theta_a = static_cast<const TT*>(args.theta_a);
+  const TT* theta_b = static_cast<const TT*>(args.theta_b);
+  T* weight_out = static_cast<T*>(args.weight_out);
+  const int64_t d_out = args.d_out, d_in = args.d_in;
+  const int r = args.r, n_row = kPaper ? 2 * r : r;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t col_begin = static_cast<int64_t>(blockIdx.x) * args.strip_cols;
+  const int64_t col_end = min_int64(d_in, col_begin + args.strip_cols);  // a multiple of 8
+  const int n_tiles = static_cast<int>(ceil_div(col_end - col_begin, kTile)) * kRowTiles;
+
+  // Copies tile `tile` (and, at a column tile's first row tile, its theta_r) into stage `stage`; zeros outside W0.
+  auto copy_tile = [&](int tile, int stage) {
+    const int64_t col0 = col_begin + (tile / kRowTiles) * kTile, tile_row0 = row0 + (tile % kRowTiles) * kTile;
+    for (int chunk = threadIdx.x; chunk < kTile * kTile / kWChunk; chunk += kTiledPrepareThreads) {
+      const int row = chunk / (kTile / kWChunk), col = (chunk % (kTile / kWChunk)) * kWChunk;
+      const bool inside = tile_row0 + row < d_out && col0 + col < col_end;
+      copy_async_16(&sh.w_raw[stage][row][col], inside ? weight + (tile_row0 + row) * d_in + col0 + col : weight,
+                    inside);
+    }
+    if (tile % kRowTiles == 0) {
+      for (int chunk = threadIdx.x; chunk < NR * kTile / kThetaChunk; chunk += kTiledPrepareThreads) {
+        const int n = chunk / (kTile / kThetaChunk), col = (chunk % (kTile / kThetaChunk)) * kThetaChunk;
+        const bool inside = n < n_row && col0 + col < col_end;
+        const TT* source = kPaper && n >= r ? theta_b + (n - r) * d_in : (kPaper ? theta_a : theta_b) + n * d_in;
+        copy_async_16(&sh.theta_raw[stage][n][col], inside ? source + col0 + col : theta_b, inside);
+      }
+    }
+  };
+#pragma unroll
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    if (stage < n_tiles) copy_tile(stage, stage);
+    copy_async_commit();
+  }
+  if constexpr (NC > 0) {  // theta_col[k][i] = theta_a[k, row0 + i]: theta_a is (r, d_out) in general mode
+    for (int e = threadIdx.x; e < NC * BM; e += kTiledPrepareThreads) {
+      const int k = e / BM, i = e % BM;
+      const bool inside = k < r && row0 + i < d_out;
+      sh.theta_col[k][i] = from_acc<T>(inside ? to_acc(theta_a[k * d_out + row0 + i]) : 0.0f);
+    }
+  }
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> row_sums[kRowFragmentsPerWarp];
+#pragma unroll
+  for (int f = 0; f < kRowFragmentsPerWarp; ++f) wmma::fill_fragment(row_sums[f], 0.0f);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> column_sums;
+
+  const int c = threadIdx.x % kTile, first_row = threadIdx.x / kTile;  // this thread's column of the tile
+  constexpr int kRowStep = kTiledPrepareThreads / kTile;
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int sub = tile % kRowTiles, stage = tile % kStages;
+    const int64_t col0 = col_begin + (tile / kRowTiles) * kTile, tile_row0 = row0 + sub * kTile;
+    if (tile + kStages - 1 < n_tiles) copy_tile(tile + kStages - 1, (tile + kStages - 1) % kStages);
+    copy_async_commit();
+    copy_async_wait<kStages - 1>();  // this tile's copies have landed
+    __syncthreads();                 // ... for every thread; and the last tile's multiplications are done
+    // Round the tile to T: into the 16-bit tile, and out to weight_out (column c of rows first_row + 4n)
+    const int64_t j = col0 + c;
+    const int rows_inside = static_cast<int>(min_int64(kTile, d_out - tile_row0));
+    T* out = weight_out == nullptr || j >= col_end ? nullptr : weight_out + (tile_row0 + first_row) * d_in + j;
+#pragma unroll
+    for (int n = 0; n < kTile / kRowStep; ++n) {
+      const int row = first_row + n * kRowStep;
+      const T rounded = from_acc<T>(to_acc(sh.w_raw[stage][row][c]));
+      if (out != nullptr && row < rows_inside) out[n * kRowStep * d_in] = rounded;
+      sh.w_tile[row][c] = rounded;
+    }
+    if (sub == 0) {
+#pragma unroll
+      for (int n = first_row; n < NR; n += kRowStep) sh.theta_row[n][c] = from_acc<T>(to_acc(sh.theta_raw[stage][n][c]));
+      wmma::fill_fragment(column_sums, 0.0f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int f = 0; f < kRowFragmentsPerWarp; ++f) {  // R += tile rows x theta_r^T
+      const int fragment = warp + f * kWarps;
+      const int m = fragment / (NR / 16), n = fragment % (NR / 16);
+      if (fragment >= kRowFragments || (m * 16) / kTile != sub) continue;
+#pragma unroll
+      for (int kk = 0; kk < kTile; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(a, &sh.w_tile[(m * 16) % kTile][kk], kTilePitch);
+        wmma::load_matrix_sync(b, &sh.theta_row[n * 16][kk], kTilePitch);
+        wmma::mma_sync(row_sums[f], a, b, row_sums[f]);
+      }
+    }
+    if constexpr (NC > 0) {  // C += theta_a[:, tile rows] x tile; after the last row tile, this block's part of C
+      if (warp < kColumnFragments) {
+        const int k0 = (warp / (kTile / 16)) * 16, c0 = (warp % (kTile / 16)) * 16;
+#pragma unroll
+        for (int kk = 0; kk < kTile; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(a, &sh.theta_col[k0][sub * kTile + kk], BM + 8);
+          wmma::load_matrix_sync(b, &sh.w_tile[kk][c0], kTilePitch);
+          wmma::mma_sync(column_sums, a, b, column_sums);
+        }
+        if (sub == kRowTiles - 1) {
+          wmma::store_matrix_sync(&sh.scratch[warp][0][0], column_sums, 16, wmma::mem_row_major);
+          __syncwarp();
+          for (int e = lane; e < 256; e += 32) {
+            const int k = k0 + e / 16;
+            const int64_t jj = col0 + c0 + e % 16;
+            if (k < r && jj < col_end) {
+              args.column_partial[(blockIdx.y * static_cast<int64_t>(r) + k) * d_in + jj] = sh.scratch[warp][e / 16][e % 16];
+            }
+          }
+          __syncwarp();
+        }
+      }
+    }
+  }
+  copy_async_wait<0>();  // no copy outlives the block (the last stages' groups are empty)
+#pragma unroll
+  for (int f = 0; f < kRowFragmentsPerWarp; ++f) {  // this strip's part of R for the block's rows
+    const int fragment = warp + f * kWarps;
+    if (fragment >= kRowFragments) continue;
+    const int m = fragment / (NR / 16), n0 = (fragment % (NR / 16)) * 16;
+    wmma::store_matrix_sync(&sh.scratch[warp][0][0], row_sums[f], 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) {
+      const int64_t i = row0 + m * 16 + e / 16;
+      const int n = n0 + e % 16;
+      if (i < d_out && n < n_row) args.row_partial[(blockIdx.x * d_out + i) * n_row + n] = sh.scratch[warp][e / 16][e % 16];
+    }
+    __syncwarp();
+  }
+#endif
+}
+
+// A and B from the partial sums, each element summed over the splits in order. A (r, d_in): general mode's C, or
+// paper mode's first r columns of R transposed; B (d_out, r): R's last r columns.
+template <typename T>
+__global__ void finish_generation_kernel(const float* __restrict__ row_partial, int row_splits,
+                                         const float* __restrict__ column_partial, int column_splits, int64_t d_out,
+                                         int64_t d_in, int r, bool paper, T* __restrict__ lora_a,
+                                         T* __restrict__ lora_b) {
+  const int n_row = paper ? 2 * r : r;
+  const int64_t a_size = static_cast<int64_t>(r) * d_in, total = a_size + d_out * r;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+    float sum = 0.0f;
+    if (e < a_size && paper) {  // A[k, j] = R[j, k]: consecutive threads read consecutive k
+      const int64_t j = e / r, k = e % r;
+      for (int s = 0; s < row_splits; ++s) sum += row_partial[(s * d_out + j) * n_row + k];
+      lora_a[k * d_in + j] = from_acc<T>(sum);
+    } else if (e < a_size) {
+      const int64_t k = e / d_in, j = e % d_in;
+      for (int s = 0; s < column_splits; ++s) sum += column_partial[(s * static_cast<int64_t>(r) + k) * d_in + j];
+      lora_a[e] = from_acc<T>(sum);
+    } else {
+      const int64_t i = (e - a_size) / r, k = (e - a_size) % r;
+      for (int s = 0; s < row_splits; ++s) sum += row_partial[(s * d_out + i) * n_row + (paper ? r + k : k)];
+      lora_b[e - a_size] = from_acc<T>(sum);
+    }
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -482,6 +729,107 @@ cudaError_t launch_prepare(DType weight_dtype, DType theta_dtype, DType out_dtyp
     using T = decltype(tag);
     return launch_prepare_typed<T, T, T>(weight, theta_a, theta_b, d, r, weight_out, lora_a, lora_b, stream);
   });
+}
+
+namespace {
+
+int compute_capability_major(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return major;
+}
+
+template <typename TW, typename TT, typename T>
+cudaError_t launch_tiled_prepare_typed(bool paper, const TiledPrepareArgs& args, const TiledPrepareGrid& grid,
+                                       void* lora_a, void* lora_b, cudaStream_t stream) {
+  const dim3 blocks(static_cast<unsigned>(grid.column_strips), static_cast<unsigned>(grid.row_blocks));
+  auto run = [&](auto kernel, auto* shared_layout) {  // a null pointer: the layout's type only
+    constexpr int kBytes = static_cast<int>(sizeof(*shared_layout));  // above the 48 KiB of a plain launch
+    static std::atomic<uint64_t> devices_allowed{0};  // per instantiation: devices where kBytes is allowed
+    int device = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status != cudaSuccess) return status;
+    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+    if (bit == 0 || (devices_allowed.load() & bit) == 0) {
+      status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      if (status != cudaSuccess) return status;
+      devices_allowed.fetch_or(bit);
+    }
+    kernel<<<blocks, kTiledPrepareThreads, kBytes, stream>>>(args);
+    return cudaGetLastError();
+  };
+  const int n_row = paper ? 2 * args.r : args.r;
+  cudaError_t status;
+  if (paper && n_row <= 16) {
+    status = run(tiled_prepare_kernel<TW, TT, T, 16, 0, kPaperBlockRows>,
+                 static_cast<TiledPrepareShared<TW, TT, T, 16, 0, kPaperBlockRows>*>(nullptr));
+  } else if (paper) {
+    status = run(tiled_prepare_kernel<TW, TT, T, 32, 0, kPaperBlockRows>,
+                 static_cast<TiledPrepareShared<TW, TT, T, 32, 0, kPaperBlockRows>*>(nullptr));
+  } else if (n_row <= 16) {
+    status = run(tiled_prepare_kernel<TW, TT, T, 16, 16, kGeneralBlockRows>,
+                 static_cast<TiledPrepareShared<TW, TT, T, 16, 16, kGeneralBlockRows>*>(nullptr));
+  } else {
+    status = run(tiled_prepare_kernel<TW, TT, T, 32, 32, kGeneralBlockRows>,
+                 static_cast<TiledPrepareShared<TW, TT, T, 32, 32, kGeneralBlockRows>*>(nullptr));
+  }
+  if (status != cudaSuccess) return status;
+  const int64_t outputs = static_cast<int64_t>(args.r) * (args.d_in + args.d_out);
+  finish_generation_kernel<T><<<elementwise_blocks(outputs), kElementwiseThreads, 0, stream>>>(
+      args.row_partial, grid.column_strips, args.column_partial, grid.row_blocks, args.d_out, args.d_in, args.r,
+      paper, static_cast<T*>(lora_a), static_cast<T*>(lora_b));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool tiled_prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dtype, bool paper, int r,
+                             int64_t d_out, int64_t d_in, int device) {
+  // 16-bit products: for half-precision layers only (float32 and float64 layers keep cuBLAS's precision)
+  if (out_dtype != DType::kHalf && out_dtype != DType::kBFloat16) return false;
+  if (weight_dtype != out_dtype && weight_dtype != DType::kFloat) return false;
+  if (theta_dtype != out_dtype && theta_dtype != DType::kFloat) return false;
+  if (r < 1 || (paper ? 2 * r : r) > 32 || d_out < 1 || d_in < 1) return false;
+  if (d_in % 8 != 0) return false;  // rows of whole 16-byte copies
+  if (ceil_div(d_out, kPaperBlockRows) > 65535) return false;  // row blocks are gridDim.y
+  return compute_capability_major(device) >= 8;  // WMMA on 16-bit types
+}
+
+TiledPrepareGrid tiled_prepare_grid(bool paper, int64_t d_out, int64_t d_in, int device) {
+  // One wave of two blocks per multiprocessor (the kernel's launch bounds); paper mode splits rows finely (it has
+  // no column partials), general mode coarsely (each row block writes an r x d_in partial of C), and the column
+  // strips make up the rest.
+  TiledPrepareGrid grid;
+  grid.row_blocks = ceil_div(d_out, paper ? kPaperBlockRows : kGeneralBlockRows);
+  const int64_t tiles_per_row = ceil_div(d_in, kTile);
+  const int64_t wanted = 2 * static_cast<int64_t>(multiprocessor_count(device));
+  const int64_t strips = std::max<int64_t>(1, std::min<int64_t>(tiles_per_row, wanted / grid.row_blocks));
+  grid.strip_cols = ceil_div(tiles_per_row, strips) * kTile;
+  grid.column_strips = ceil_div(d_in, grid.strip_cols);
+  return grid;
+}
+
+cudaError_t launch_tiled_prepare(DType weight_dtype, DType theta_dtype, DType out_dtype, bool paper,
+                                 const void* weight, const void* theta_a, const void* theta_b, int64_t d_out,
+                                 int64_t d_in, int r, const TiledPrepareGrid& grid, float* row_partial,
+                                 float* column_partial, void* weight_out, void* lora_a, void* lora_b,
+                                 cudaStream_t stream) {
+  TiledPrepareArgs args{weight, theta_a, theta_b, d_out, d_in, r, grid.strip_cols, weight_out, row_partial,
+                        column_partial};
+  const bool float_weight = weight_dtype == DType::kFloat, float_theta = theta_dtype == DType::kFloat;
+  auto typed = [&](auto out_tag) {
+    using T = decltype(out_tag);
+    if (float_weight && float_theta) return launch_tiled_prepare_typed<float, float, T>(paper, args, grid, lora_a, lora_b, stream);
+    if (float_weight) return launch_tiled_prepare_typed<float, T, T>(paper, args, grid, lora_a, lora_b, stream);
+    if (float_theta) return launch_tiled_prepare_typed<T, float, T>(paper, args, grid, lora_a, lora_b, stream);
+    return launch_tiled_prepare_typed<T, T, T>(paper, args, grid, lora_a, lora_b, stream);
+  };
+  if (out_dtype == DType::kHalf) return typed(__half{});
+  if (out_dtype == DType::kBFloat16) return typed(__nv_bfloat16{});
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda

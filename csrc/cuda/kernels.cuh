@@ -69,5 +69,26 @@ cudaError_t launch_prepare(DType weight_dtype, DType theta_dtype, DType out_dtyp
                            const void* theta_a, const void* theta_b, int64_t d, int r, void* weight_out, void* lora_a,
                            void* lora_b, cudaStream_t stream);
 
+// Both modes' generation in one pass over W0 (d_out, d_in), for half-precision layers where launch_prepare does not
+// apply (larger theta, general mode, or inside a CUDA graph): lora_a (r, d_in) and lora_b (d_out, r) as the
+// generation of docs/design.md §1 defines them, from W0 and theta rounded to the output type (the products cuBLAS
+// computes after the casts), summed in float32; weight_out = W0 rounded, where not null. Inputs contiguous, d_in a
+// multiple of 8 and W0, theta_a and theta_b 16-byte aligned (the pass copies 16 bytes at a time, asynchronously, a
+// few tiles ahead); W0 and theta each float32 or the output type. Two launches: the pass (tensor cores, sm_80 and
+// later), then the sums of
+// the float32 partials, in a fixed order. The partial buffers: row_partial (column_strips, d_out, 2r in paper mode
+// or r), column_partial (row_blocks, r, d_in) in general mode (unused in paper mode).
+struct TiledPrepareGrid {
+  int64_t row_blocks = 1, column_strips = 1, strip_cols = 0;
+};
+bool tiled_prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dtype, bool paper, int r,
+                             int64_t d_out, int64_t d_in, int device);
+TiledPrepareGrid tiled_prepare_grid(bool paper, int64_t d_out, int64_t d_in, int device);
+cudaError_t launch_tiled_prepare(DType weight_dtype, DType theta_dtype, DType out_dtype, bool paper,
+                                 const void* weight, const void* theta_a, const void* theta_b, int64_t d_out,
+                                 int64_t d_in, int r, const TiledPrepareGrid& grid, float* row_partial,
+                                 float* column_partial, void* weight_out, void* lora_a, void* lora_b,
+                                 cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace condlora
