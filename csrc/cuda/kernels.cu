@@ -388,17 +388,18 @@ cudaError_t launch_prepare_typed(const void* weight, const void* theta_a, const 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Both modes' generation for large layers, on tensor cores (see launch_tiled_prepare in kernels.cuh). Every product
-// the generation needs is a reduction of W0 against theta, along one of W0's two axes (docs/design.md §4):
+// Both modes' generation for the half-precision layers the row kernel does not take, on tensor cores (see
+// launch_tiled_prepare in kernels.cuh). Every product the generation needs is a reduction of W0 against theta,
+// along one of W0's two axes (docs/design.md §4):
 //   along a row    R[i, n] = sum_j W0[i, j] theta_r[n, j]   paper: theta_r = [theta_a; theta_b] (R = [A^T | B])
 //                                                           general: theta_r = theta_b (R = B)
 //   along a column C[k, j] = sum_i theta_a[k, i] W0[i, j]   general only (C = A)
-// A block owns a rectangle of W0, rows [row0, row0 + BM) x one strip of columns, and walks it in 64 x 64 tiles:
-// it loads each tile once (writing its rounding, the weight the frozen GEMM uses), keeps it in shared memory as
-// 16-bit values, and feeds both reductions from there with WMMA (16-bit products, float32 sums). R is summed over
-// the strip in registers and written once per block; C is summed over the block's rows per column tile. Blocks of
-// other strips (for R) and of other row ranges (for C) write float32 partial sums, which finish_generation_kernel
-// adds up in a fixed order: the result is deterministic.
+// A block owns a rectangle of W0, rows [row0, row0 + BM) x one strip of columns, and walks it in 64 x 64 tiles,
+// copied asynchronously a few tiles ahead: it reads each tile once (writing its rounding, the weight the frozen
+// GEMM uses), keeps it in shared memory as 16-bit values, and feeds both reductions from there with WMMA (16-bit
+// products, float32 sums). R is summed over the strip in registers and written once per block; C is summed over
+// the block's rows per column tile. Blocks of other strips (for R) and of other row ranges (for C) write float32
+// partial sums, which finish_generation_kernel adds up in a fixed order: the result is deterministic.
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr int kTiledPrepareThreads = 256;  // 8 warps
@@ -458,7 +459,9 @@ struct TiledPrepareShared {  // each member aligned for 16-byte copies and WMMA'
 // The tiles in order: column tile by column tile, each as BM / 64 row tiles, copied kStages - 1 tiles ahead.
 template <typename TW, typename TT, typename T, int NR, int NC, int BM>
 __global__ void __launch_bounds__(kTiledPrepareThreads, 2) tiled_prepare_kernel(TiledPrepareArgs args) {
-#if __CUDA_ARCH__ >= 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // a build without sm_80 code, run on a newer GPU from older PTX: fail loudly, never write nothing
+#elif defined(__CUDA_ARCH__)
   using namespace nvcuda;
   constexpr bool kPaper = NC == 0;
   constexpr int kWarps = kTiledPrepareThreads / 32;
