@@ -54,6 +54,27 @@ def make_inputs(mode, d_in, d_out, r, weight_dtype, theta_dtype, seed):
     return weight, theta_a, theta_b
 
 
+def poison_allocator(*shapes, dtype):
+    """Fill freed blocks of the caching allocator with NaN: outputs allocated next (at::empty) reuse them, so an
+    element the kernel leaves unwritten reads NaN instead of a previous call's nearly equal value."""
+    junk = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape in shapes]
+    del junk
+
+
+def check_elementwise(outputs, weight, theta_a, theta_b, dtype, mode):
+    """Every element of A and B against float64 from the same rounded inputs (what the tiled pass multiplies), within
+    a bound that holds for any order of float32 sums: the output's rounding (eps(dtype) |exact|) plus n eps(float32)
+    times the sum of the products' magnitudes. A wrong index or a lost tile breaks it where a norm would not."""
+    rounded = [t.to(dtype).double() for t in (weight, theta_a, theta_b)]
+    exact = reference.generate_lora_weights(*rounded, mode)
+    magnitudes = reference.generate_lora_weights(*(t.abs() for t in rounded), mode)
+    n = max(weight.shape) if mode == "general" else weight.shape[1]  # the longest reduction: over d_out for A
+    for name, out, ex, mag in zip(("lora_a", "lora_b"), outputs[1:], exact, magnitudes):
+        bound = torch.finfo(dtype).eps * ex.abs() + n * torch.finfo(torch.float32).eps * mag
+        worst = ((out.double() - ex).abs() - bound).max().item()
+        assert worst <= 0, f"{name}: an element is {worst:.3e} beyond its bound"
+
+
 def check_generation(outputs, weight, theta_a, theta_b, dtype, mode):
     weight_out, lora_a, lora_b = outputs
     if weight.dtype == dtype:
@@ -73,6 +94,7 @@ CASES = [
     ("paper", 1000, 1000, 12, "row"),      # 2r * d = 24000: the row kernel's largest theta
     ("paper", 2000, 2000, 16, "tiled"),    # ragged last tile, several row blocks and strips
     ("paper", 4096, 4096, 16, "tiled"),    # Llama's attention projections
+    ("paper", 2048, 2048, 8, "tiled"),     # 2r = 16: the paper-mode instantiation with 16 columns of R
     ("paper", 1000, 1000, 17, "cublas"),   # 2r = 34 > 32
     ("general", 296, 70, 5, "tiled"),      # fewer rows than one row block, ragged tiles
     ("general", 300, 70, 5, "cublas"),     # d_in not a multiple of 8: rows of whole 16-byte copies only
@@ -91,11 +113,15 @@ def test_generation_matches_reference(mode, d_in, d_out, r, expected, masters, d
     weight_dtype = torch.float32 if masters == "float32 masters" else dtype
     theta_dtype = dtype if masters == "half weight and theta" else torch.float32
     weight, theta_a, theta_b = make_inputs(mode, d_in, d_out, r, weight_dtype, theta_dtype, seed=d_in + d_out + r)
+    poison_allocator((d_out, d_in), (r, d_in), (d_out, r), dtype=dtype)
     outputs, names = kernel_names(lambda: prepare(weight, theta_a, theta_b, dtype, mode))
     ran_row = any(ROW_KERNEL.search(n) for n in names)
     ran_tiled = any(TILED_KERNEL.search(n) for n in names)
     assert (ran_row, ran_tiled) == (expected == "row", expected == "tiled"), names
     check_generation(outputs, weight, theta_a, theta_b, dtype, mode)
+    if expected == "tiled":
+        check_elementwise(outputs, weight, theta_a, theta_b, dtype, mode)
+    poison_allocator((d_out, d_in), (r, d_in), (d_out, r), dtype=dtype)
     again = prepare(weight, theta_a, theta_b, dtype, mode)
     for first, second in zip(outputs, again):
         assert torch.equal(first, second), "two calls gave different bits"

@@ -5,7 +5,7 @@
 //   - the reductions over tokens (dA, dB, db) with fp32 accumulators, fused with the mask and with the low-rank
 //     term of dx, so that the backward reads x once and dy once for all of them,
 //   - the generation of A and B with W0's rounding in one pass over W0 (docs/design.md §4): one block per row for
-//     small paper-mode layers, a tiled tensor-core pass for the others.
+//     small paper-mode layers, a tiled tensor-core pass for the other half-precision layers within its limits.
 // Every index is int64; every launch goes to the stream and device the caller (cuda_ops.cpp) passes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -736,13 +736,51 @@ cudaError_t launch_prepare(DType weight_dtype, DType theta_dtype, DType out_dtyp
 
 namespace {
 
-int compute_capability_major(int device) {
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
+// What the tiled pass needs of a device, found once per device: sm_80 code for it (WMMA on 16-bit types; a build
+// without sm_80 code would run it from older PTX, where its body is a trap), and the shared memory a block may opt
+// in to (sm_86 and sm_89 allow 99 KiB, less than the largest instantiation's 110 KiB).
+struct TiledPrepareDevice {
+  bool has_sm80_code = false;
+  int64_t shared_bytes_per_block = 0;
+};
+
+TiledPrepareDevice tiled_prepare_device(int device) {
+  constexpr int kMaxDevices = 64;
+  static TiledPrepareDevice found[kMaxDevices];
+  static std::atomic<bool> known[kMaxDevices] = {};  // benign race: every thread finds the same values
+  if (device >= 0 && device < kMaxDevices && known[device].load()) return found[device];
+  TiledPrepareDevice result;
+  int previous = 0, shared_bytes = 0;
+  cudaFuncAttributes attributes;
+  if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
+    // ptxVersion: the virtual architecture of the code that runs on this device (as CUB's PtxVersion reads it)
+    if (cudaFuncGetAttributes(&attributes, tiled_prepare_kernel<float, float, __half, 16, 0, kPaperBlockRows>) ==
+        cudaSuccess) {
+      result.has_sm80_code = attributes.ptxVersion >= 80;
+    }
+    if (cudaDeviceGetAttribute(&shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess) {
+      result.shared_bytes_per_block = shared_bytes;
+    }
+    (void)cudaSetDevice(previous);
   }
-  return major;
+  (void)cudaGetLastError();  // an error here only means "not supported": clear it
+  if (device >= 0 && device < kMaxDevices) {
+    found[device] = result;
+    known[device].store(true);
+  }
+  return result;
+}
+
+// The shared memory of the instantiation launch_tiled_prepare_typed picks (both 16-bit output types are 2 bytes).
+template <typename TW, typename TT>
+int64_t tiled_prepare_shared_bytes(bool paper, int n_row) {
+  using T = __half;
+  if (paper) {
+    return n_row <= 16 ? sizeof(TiledPrepareShared<TW, TT, T, 16, 0, kPaperBlockRows>)
+                       : sizeof(TiledPrepareShared<TW, TT, T, 32, 0, kPaperBlockRows>);
+  }
+  return n_row <= 16 ? sizeof(TiledPrepareShared<TW, TT, T, 16, 16, kGeneralBlockRows>)
+                     : sizeof(TiledPrepareShared<TW, TT, T, 32, 32, kGeneralBlockRows>);
 }
 
 template <typename TW, typename TT, typename T>
@@ -798,7 +836,15 @@ bool tiled_prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dt
   if (r < 1 || (paper ? 2 * r : r) > 32 || d_out < 1 || d_in < 1) return false;
   if (d_in % 8 != 0) return false;  // rows of whole 16-byte copies
   if (ceil_div(d_out, kPaperBlockRows) > 65535) return false;  // row blocks are gridDim.y
-  return compute_capability_major(device) >= 8;  // WMMA on 16-bit types
+  const bool float_weight = weight_dtype == DType::kFloat, float_theta = theta_dtype == DType::kFloat;
+  const int n_row = paper ? 2 * r : r;
+  const int64_t shared_bytes =
+      float_weight ? (float_theta ? tiled_prepare_shared_bytes<float, float>(paper, n_row)
+                                  : tiled_prepare_shared_bytes<float, __half>(paper, n_row))
+                   : (float_theta ? tiled_prepare_shared_bytes<__half, float>(paper, n_row)
+                                  : tiled_prepare_shared_bytes<__half, __half>(paper, n_row));
+  const TiledPrepareDevice found = tiled_prepare_device(device);
+  return found.has_sm80_code && shared_bytes <= found.shared_bytes_per_block;
 }
 
 TiledPrepareGrid tiled_prepare_grid(bool paper, int64_t d_out, int64_t d_in, int device) {
