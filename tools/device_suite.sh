@@ -9,6 +9,9 @@
 #           2a RoBERTa-base, 2b the Llama stack (ninth session, cold machine: RoBERTa's 10 points took ~480 s,
 #           40-70 s each; the Llama stack's 10 points ~150 s, after 2a ~7-48 s each)
 #   3       the paper's code compiled (144 s), the first step in fresh processes (219 s)
+#   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
+#           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
+#           install in the fourteenth session
 #   tests FILE...   install, those GPU tests with 8 workers, the whole output and the 25 slowest kept in $OUT
 #           (the whole tests/ directory needs more than one call: 420 s with 12 workers reached 95%)
 set -o pipefail
@@ -31,11 +34,18 @@ case "$part" in
        --providers frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]" ;;
   3) bench 170 --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
      bench $((570 - SECONDS + start)) --only first-step ;;
+  prepare)
+    timeout 200 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_cuda_prepare.py tests/test_linear_op.py \
+      tests/test_cpp_backend.py > "$OUT/pytest_gpu.txt" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
+    timeout 100 python tools/explore_prepare.py --json "$OUT/explore_prepare.json"
+    echo "prepare: $((SECONDS - start)) s"
+    ;;
   tests)
     timeout $((570 - SECONDS + start)) python -m pytest -q -rfE -n 8 --durations=25 -p no:cacheprovider "$@" \
       > "$OUT/pytest_gpu.txt" 2>&1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
     echo "tests: $((SECONDS - start)) s"
     ;;
-  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|tests FILE..." >&2; exit 2 ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|prepare|tests FILE..." >&2; exit 2 ;;
 esac
