@@ -101,9 +101,8 @@ void check_same_dtype_and_device(const char* name, const at::Tensor& t, const at
 // weight, theta_a and theta_b: 2-D, with the shapes the mode asks for; returns r.
 int64_t check_weight_and_generators(const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
                                     Mode mode, const std::string& mode_name) {
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (d_out, d_in), got ", describe(weight));
+  check_weight_shape(weight);
   const int64_t d_out = weight.size(0), d_in = weight.size(1);
-  TORCH_CHECK_VALUE(d_out >= 1 && d_in >= 1, "weight must have d_out >= 1 and d_in >= 1, got ", py_tuple(weight.sizes()));
   TORCH_CHECK_VALUE(theta_a.dim() == 2 && theta_b.dim() == 2, "theta_a and theta_b must be 2-D (r, d), got ",
                     py_tuple(theta_a.sizes()), " and ", py_tuple(theta_b.sizes()));
   const int64_t r = theta_a.size(0);
@@ -126,6 +125,12 @@ void check_shape(const char* name, const at::Tensor& t, std::initializer_list<in
 }
 
 }  // namespace
+
+void check_weight_shape(const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (d_out, d_in), got ", describe(weight));
+  TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, "weight must have d_out >= 1 and d_in >= 1, got ",
+                    py_tuple(weight.sizes()));
+}
 
 void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const at::Device& device) {
   if (!seed.has_value()) {

@@ -46,6 +46,8 @@ Sizes check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const a
 void check_seed(const std::optional<at::Tensor>& seed, double dropout_p, const at::Device& device);
 // A floating, dense (strided) tensor: TypeError otherwise, naming the argument.
 void check_layout_and_dtype(const char* name, const at::Tensor& t);
+// W0 is 2-D (d_out, d_in) with d_out, d_in >= 1: ValueError otherwise.
+void check_weight_shape(const at::Tensor& weight);
 inline bool is_half_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 // Whether a weight or bias of dtype `t` goes with an x of dtype `x_dtype`: the same dtype, or a float32 master of a
 // half-precision x (rounded to x's dtype as autocast would, docs/design.md §4).

@@ -80,10 +80,7 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std:
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dimension (..., d_in), got a 0-d tensor");
   check_master("weight", weight, x.scalar_type(), x.device());
   if (bias.has_value()) check_master("bias", *bias, x.scalar_type(), x.device());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (d_out, d_in), got shape ", py_tuple(weight.sizes()),
-                    ", dtype ", py_dtype(weight.scalar_type()), ", device ", weight.device().str());
-  TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(1) >= 1, "weight must have d_out >= 1 and d_in >= 1, got ",
-                    py_tuple(weight.sizes()));
+  check_weight_shape(weight);
   TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), "x must have last dimension d_in=", std::to_string(weight.size(1)),
                     " (weight is ", py_tuple(weight.sizes()), "), got x ", py_tuple(x.sizes()));
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"theta_a", theta_a}, {"theta_b", theta_b}}) {

@@ -771,58 +771,43 @@ TiledPrepareDevice tiled_prepare_device(int device) {
   return result;
 }
 
-// The shared memory of the instantiation launch_tiled_prepare_typed picks (both 16-bit output types are 2 bytes).
-template <typename TW, typename TT>
-int64_t tiled_prepare_shared_bytes(bool paper, int n_row) {
-  using T = __half;
-  if (paper) {
-    return n_row <= 16 ? sizeof(TiledPrepareShared<TW, TT, T, 16, 0, kPaperBlockRows>)
-                       : sizeof(TiledPrepareShared<TW, TT, T, 32, 0, kPaperBlockRows>);
-  }
-  return n_row <= 16 ? sizeof(TiledPrepareShared<TW, TT, T, 16, 16, kGeneralBlockRows>)
-                     : sizeof(TiledPrepareShared<TW, TT, T, 32, 32, kGeneralBlockRows>);
-}
-
-template <typename TW, typename TT, typename T>
-cudaError_t launch_tiled_prepare_typed(bool paper, const TiledPrepareArgs& args, const TiledPrepareGrid& grid,
-                                       void* lora_a, void* lora_b, cudaStream_t stream) {
-  const dim3 blocks(static_cast<unsigned>(grid.column_strips), static_cast<unsigned>(grid.row_blocks));
-  auto run = [&](auto kernel, auto* shared_layout) {  // a null pointer: the layout's type only
-    constexpr int kBytes = static_cast<int>(sizeof(*shared_layout));  // above the 48 KiB of a plain launch
-    static std::atomic<uint64_t> devices_allowed{0};  // per instantiation: devices where kBytes is allowed
-    int device = 0;
-    cudaError_t status = cudaGetDevice(&device);
-    if (status != cudaSuccess) return status;
-    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-    if (bit == 0 || (devices_allowed.load() & bit) == 0) {
-      status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-      if (status != cudaSuccess) return status;
-      devices_allowed.fetch_or(bit);
+// Calls fn(kernel, layout, out_tag) with the instantiation of tiled_prepare_kernel that takes these dtypes and this
+// width of R (2r in paper mode, r in general mode): the one place that picks it, for the launch and for the
+// shared-memory check. layout is a null TiledPrepareShared pointer (its type is the block's shared memory), out_tag a
+// value of the output type.
+template <typename Fn>
+cudaError_t with_tiled_prepare_kernel(DType weight_dtype, DType theta_dtype, DType out_dtype, bool paper, int n_row,
+                                      Fn&& fn) {
+  auto pick = [&](auto weight_tag, auto theta_tag, auto out_tag) {
+    using TW = decltype(weight_tag);
+    using TT = decltype(theta_tag);
+    using T = decltype(out_tag);
+    if (paper && n_row <= 16) {
+      return fn(tiled_prepare_kernel<TW, TT, T, 16, 0, kPaperBlockRows>,
+                static_cast<TiledPrepareShared<TW, TT, T, 16, 0, kPaperBlockRows>*>(nullptr), out_tag);
     }
-    kernel<<<blocks, kTiledPrepareThreads, kBytes, stream>>>(args);
-    return cudaGetLastError();
+    if (paper) {
+      return fn(tiled_prepare_kernel<TW, TT, T, 32, 0, kPaperBlockRows>,
+                static_cast<TiledPrepareShared<TW, TT, T, 32, 0, kPaperBlockRows>*>(nullptr), out_tag);
+    }
+    if (n_row <= 16) {
+      return fn(tiled_prepare_kernel<TW, TT, T, 16, 16, kGeneralBlockRows>,
+                static_cast<TiledPrepareShared<TW, TT, T, 16, 16, kGeneralBlockRows>*>(nullptr), out_tag);
+    }
+    return fn(tiled_prepare_kernel<TW, TT, T, 32, 32, kGeneralBlockRows>,
+              static_cast<TiledPrepareShared<TW, TT, T, 32, 32, kGeneralBlockRows>*>(nullptr), out_tag);
   };
-  const int n_row = paper ? 2 * args.r : args.r;
-  cudaError_t status;
-  if (paper && n_row <= 16) {
-    status = run(tiled_prepare_kernel<TW, TT, T, 16, 0, kPaperBlockRows>,
-                 static_cast<TiledPrepareShared<TW, TT, T, 16, 0, kPaperBlockRows>*>(nullptr));
-  } else if (paper) {
-    status = run(tiled_prepare_kernel<TW, TT, T, 32, 0, kPaperBlockRows>,
-                 static_cast<TiledPrepareShared<TW, TT, T, 32, 0, kPaperBlockRows>*>(nullptr));
-  } else if (n_row <= 16) {
-    status = run(tiled_prepare_kernel<TW, TT, T, 16, 16, kGeneralBlockRows>,
-                 static_cast<TiledPrepareShared<TW, TT, T, 16, 16, kGeneralBlockRows>*>(nullptr));
-  } else {
-    status = run(tiled_prepare_kernel<TW, TT, T, 32, 32, kGeneralBlockRows>,
-                 static_cast<TiledPrepareShared<TW, TT, T, 32, 32, kGeneralBlockRows>*>(nullptr));
-  }
-  if (status != cudaSuccess) return status;
-  const int64_t outputs = static_cast<int64_t>(args.r) * (args.d_in + args.d_out);
-  finish_generation_kernel<T><<<elementwise_blocks(outputs), kElementwiseThreads, 0, stream>>>(
-      args.row_partial, grid.column_strips, args.column_partial, grid.row_blocks, args.d_out, args.d_in, args.r,
-      paper, static_cast<T*>(lora_a), static_cast<T*>(lora_b));
-  return cudaGetLastError();
+  auto typed = [&](auto out_tag) {  // W0 and theta each float32 masters or the output type
+    using T = decltype(out_tag);
+    const bool float_weight = weight_dtype == DType::kFloat, float_theta = theta_dtype == DType::kFloat;
+    if (float_weight && float_theta) return pick(float{}, float{}, out_tag);
+    if (float_weight) return pick(float{}, T{}, out_tag);
+    if (float_theta) return pick(T{}, float{}, out_tag);
+    return pick(T{}, T{}, out_tag);
+  };
+  if (out_dtype == DType::kHalf) return typed(__half{});
+  if (out_dtype == DType::kBFloat16) return typed(__nv_bfloat16{});
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -836,13 +821,12 @@ bool tiled_prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dt
   if (r < 1 || (paper ? 2 * r : r) > 32 || d_out < 1 || d_in < 1) return false;
   if (d_in % 8 != 0) return false;  // rows of whole 16-byte copies
   if (ceil_div(d_out, kPaperBlockRows) > 65535) return false;  // row blocks are gridDim.y
-  const bool float_weight = weight_dtype == DType::kFloat, float_theta = theta_dtype == DType::kFloat;
-  const int n_row = paper ? 2 * r : r;
-  const int64_t shared_bytes =
-      float_weight ? (float_theta ? tiled_prepare_shared_bytes<float, float>(paper, n_row)
-                                  : tiled_prepare_shared_bytes<float, __half>(paper, n_row))
-                   : (float_theta ? tiled_prepare_shared_bytes<__half, float>(paper, n_row)
-                                  : tiled_prepare_shared_bytes<__half, __half>(paper, n_row));
+  int64_t shared_bytes = 0;
+  (void)with_tiled_prepare_kernel(weight_dtype, theta_dtype, out_dtype, paper, paper ? 2 * r : r,
+                                  [&](auto /*kernel*/, auto* layout, auto /*out_tag*/) {
+                                    shared_bytes = sizeof(*layout);
+                                    return cudaSuccess;
+                                  });
   const TiledPrepareDevice found = tiled_prepare_device(device);
   return found.has_sm80_code && shared_bytes <= found.shared_bytes_per_block;
 }
@@ -866,19 +850,32 @@ cudaError_t launch_tiled_prepare(DType weight_dtype, DType theta_dtype, DType ou
                                  int64_t d_in, int r, const TiledPrepareGrid& grid, float* row_partial,
                                  float* column_partial, void* weight_out, void* lora_a, void* lora_b,
                                  cudaStream_t stream) {
-  TiledPrepareArgs args{weight, theta_a, theta_b, d_out, d_in, r, grid.strip_cols, weight_out, row_partial,
-                        column_partial};
-  const bool float_weight = weight_dtype == DType::kFloat, float_theta = theta_dtype == DType::kFloat;
-  auto typed = [&](auto out_tag) {
+  const TiledPrepareArgs args{weight, theta_a, theta_b, d_out, d_in, r, grid.strip_cols, weight_out, row_partial,
+                              column_partial};
+  const dim3 blocks(static_cast<unsigned>(grid.column_strips), static_cast<unsigned>(grid.row_blocks));
+  auto launch = [&](auto kernel, auto* layout, auto out_tag) {
     using T = decltype(out_tag);
-    if (float_weight && float_theta) return launch_tiled_prepare_typed<float, float, T>(paper, args, grid, lora_a, lora_b, stream);
-    if (float_weight) return launch_tiled_prepare_typed<float, T, T>(paper, args, grid, lora_a, lora_b, stream);
-    if (float_theta) return launch_tiled_prepare_typed<T, float, T>(paper, args, grid, lora_a, lora_b, stream);
-    return launch_tiled_prepare_typed<T, T, T>(paper, args, grid, lora_a, lora_b, stream);
+    constexpr int kBytes = static_cast<int>(sizeof(*layout));  // above the 48 KiB of a plain launch
+    static std::atomic<uint64_t> devices_allowed{0};  // per instantiation: devices where kBytes is allowed
+    int device = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status != cudaSuccess) return status;
+    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+    if (bit == 0 || (devices_allowed.load() & bit) == 0) {
+      status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      if (status != cudaSuccess) return status;
+      devices_allowed.fetch_or(bit);
+    }
+    kernel<<<blocks, kTiledPrepareThreads, kBytes, stream>>>(args);
+    status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+    const int64_t outputs = static_cast<int64_t>(r) * (d_in + d_out);
+    finish_generation_kernel<T><<<elementwise_blocks(outputs), kElementwiseThreads, 0, stream>>>(
+        row_partial, grid.column_strips, column_partial, grid.row_blocks, d_out, d_in, r, paper,
+        static_cast<T*>(lora_a), static_cast<T*>(lora_b));
+    return cudaGetLastError();
   };
-  if (out_dtype == DType::kHalf) return typed(__half{});
-  if (out_dtype == DType::kBFloat16) return typed(__nv_bfloat16{});
-  return cudaErrorInvalidValue;
+  return with_tiled_prepare_kernel(weight_dtype, theta_dtype, out_dtype, paper, paper ? 2 * r : r, launch);
 }
 
 }  // namespace cuda
