@@ -8,9 +8,7 @@
 //     draw the same masks);
 //   - runs through three ops of condlora.cpp, which are what torch.compile traces (each has a fake implementation
 //     in kernels/cpp.py): prepare (A and B, and the weight rounded to x's dtype, in one pass over W0 where the
-//     device has the kernel), forward_ab and backward_ab; with graph_sum (set by the Python caller while a graph
-//     compiler traces it) a layer with a bias and no dropout leaves its forward after prepare to the compiler as
-//     ATen ops (sum_in_graph below);
+//     device has the kernel), forward_ab and backward_ab;
 //   - returns the generators' gradients in the generators' own dtype (the engine casts them);
 //   - keeps from forward to backward the weight in x's dtype (prepare's rounding of a float32 master), or, with
 //     recompute_weight_cast or an x that needs no gradient, only the master, rounded again in the backward: 2 bytes
@@ -67,7 +65,7 @@ const auto& backward_ab_op() {
 const auto& linear_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("condlora_C::linear", "").typed<at::Tensor(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-      double, double, c10::string_view, bool, bool)>();
+      double, double, c10::string_view, bool)>();
   return op;
 }
 
@@ -112,35 +110,19 @@ struct ForwardResult {
   std::optional<at::Tensor> seed;
 };
 
-// Where a graph compiler traces the layer, the forward of a layer with a bias and no dropout is left to it as ATen
-// ops, y = (x W0^T + b) + (x A^T) B^T * s: Inductor then keeps the frozen GEMM plain and fuses the bias and the
-// low-rank term into y's consumers, as it does for PEFT LoRA, and plans y's buffers with the rest of the graph
-// (docs/design.md §4, "torch.compile"). Without a bias its post-grad pass would rewrite the same sum into an
-// out-of-place addmm, a buffer and a pass more than forward_ab's in-place accumulation; with dropout u needs the
-// op's mask. Those layers keep forward_ab.
-bool sum_in_graph(bool graph_sum, const std::optional<at::Tensor>& bias, double dropout_p) {
-  return graph_sum && bias.has_value() && bias->defined() && dropout_p == 0.0;
-}
-
 ForwardResult run_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
-                          const std::string& mode, bool graph_sum) {
+                          const std::string& mode) {
   ForwardResult out;
   out.x2d = x.reshape_symint({-1, x.sym_size(-1)});
   auto [weight_cast, lora_a, lora_b] = prepare_op().call(weight, theta_a, theta_b, x.scalar_type(), mode);
   out.weight = weight.scalar_type() == x.scalar_type() ? weight : weight_cast;
-  out.lora_a = lora_a;
-  out.lora_b = lora_b;
-  if (sum_in_graph(graph_sum, bias, dropout_p)) {
-    out.u = at::mm(out.x2d, lora_a.t());
-    const at::Tensor bias_cast = bias->scalar_type() == x.scalar_type() ? *bias : bias->to(x.scalar_type());
-    out.y2d = at::addmm(bias_cast, out.x2d, out.weight.t()) + at::mm(out.u, lora_b.t()) * scaling;
-    return out;
-  }
   if (dropout_p > 0.0) out.seed = draw_seed_op().call(x);
   auto [y, u] = forward_ab_op().call(out.x2d, out.weight, bias, lora_a, lora_b, scaling, dropout_p, out.seed);
   out.y2d = y;
   out.u = u;
+  out.lora_a = lora_a;
+  out.lora_b = lora_b;
   return out;
 }
 
@@ -149,11 +131,10 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& theta_a,
                             const at::Tensor& theta_b, double scaling, double dropout_p, c10::string_view mode,
-                            bool recompute_weight_cast, bool graph_sum) {
+                            bool recompute_weight_cast) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const std::string mode_name(mode);
-    const ForwardResult result =
-        run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode_name, graph_sum);
+    const ForwardResult result = run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode_name);
     // The master (a parameter, alive anyway) instead of its rounding, which the backward then rounds again: with
     // recompute_weight_cast, and where x needs no gradient, whose backward has no dx GEMM to keep the rounding for
     // (docs/design.md §4: as F.linear keeps no weight for such an input; the first layer after frozen embeddings)
@@ -197,7 +178,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       grad_theta_a = grad_theta_a.narrow_symint(0, 0, r);
     }
     auto cast_to = [](const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
-    variable_list out(10);  // one per forward argument
+    variable_list out(9);
     if (needs[0]) out[0] = grad_x.view_symint(x.sym_sizes());
     if (needs[3]) out[2] = grad_bias;
     if (needs[1]) out[3] = cast_to(grad_theta_a, ctx->saved_data["theta_a_dtype"].toScalarType());
@@ -208,20 +189,17 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
-                           c10::string_view mode, bool recompute_weight_cast, bool graph_sum) {
+                           c10::string_view mode, bool recompute_weight_cast) {
   check_linear_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p);
-  return LinearFunction::apply(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode, recompute_weight_cast,
-                               graph_sum);
+  return LinearFunction::apply(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode, recompute_weight_cast);
 }
 
 // Below autograd (inference mode, or a caller that redispatched): the forward alone, nothing saved.
 at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
-                              c10::string_view mode, bool /*recompute_weight_cast: nothing is saved here*/,
-                              bool graph_sum) {
+                              c10::string_view mode, bool /*recompute_weight_cast: nothing is saved here*/) {
   check_linear_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p);
-  const ForwardResult result =
-      run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, std::string(mode), graph_sum);
+  const ForwardResult result = run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, std::string(mode));
   return result.y2d.view_symint(output_shape(x, weight.sym_size(0)));
 }
 
@@ -230,7 +208,7 @@ at::Tensor linear_no_autograd(const at::Tensor& x, const at::Tensor& weight, con
 template <c10::DeviceType device_type, c10::DispatchKey autocast_key>
 at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
-                           c10::string_view mode, bool recompute_weight_cast, bool graph_sum) {
+                           c10::string_view mode, bool recompute_weight_cast) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   const auto dtype = at::autocast::get_autocast_dtype(device_type);
   const at::Tensor x_cast = at::autocast::cached_cast(dtype, x, device_type);
@@ -240,7 +218,7 @@ at::Tensor linear_autocast(const at::Tensor& x, const at::Tensor& weight, const 
   };
   const std::optional<at::Tensor> bias_cast = bias.has_value() ? std::optional<at::Tensor>(follow(*bias)) : std::nullopt;
   return linear_op().call(x_cast, follow(weight), bias_cast, theta_a, theta_b, scaling, dropout_p, mode,
-                          recompute_weight_cast, graph_sum);
+                          recompute_weight_cast);
 }
 
 at::Tensor draw_seed(const at::Tensor& like) {
@@ -254,7 +232,7 @@ TORCH_LIBRARY_FRAGMENT(condlora_C, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias, Tensor theta_a, Tensor theta_b, float scaling, "
-      "float dropout_p=0.0, str mode=\"paper\", bool recompute_weight_cast=False, bool graph_sum=False) -> Tensor",
+      "float dropout_p=0.0, str mode=\"paper\", bool recompute_weight_cast=False) -> Tensor",
       tags);
   m.def("draw_seed(Tensor like) -> Tensor", {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
 }

@@ -5,13 +5,12 @@ benchmarks/NOTES.md (seventh session) has why: in RoBERTa-base's compiled modes 
 above PEFT's, because the peaks fall at different moments of the last layer's forward, not because the op saves more
 per layer. The candidates (no dropout; decomposed is a Python autograd Function over the extension's inner ops):
 
-    op          the package as it is (condlora_C::linear: prepare, forward_ab, backward_ab; the bf16 W0 saved;
-                since the fifteenth session a layer with a bias leaves its final sum to the graph, graph_sum)
-    forward_ab  the op with graph_sum off: every layer's forward through forward_ab (the package before the
-                fifteenth session)
+    op          the package as it is (condlora_C::linear: prepare, forward_ab, backward_ab; the bf16 W0 saved)
     decomposed  prepare, then the forward as plain torch ops, y = x W0^T + b + s (x A^T) B^T: Inductor sees the
                 low-rank sum and can fuse it into its consumers (the attention's transposes), as it does for
-                PEFT. The backward is still backward_ab
+                PEFT. The backward is still backward_ab. Measured in the fifteenth session (benchmarks/NOTES.md):
+                RoBERTa's compiled peak 5-6 MiB below PEFT's, its step ~2.4 ms slower; on the Llama stack (no
+                bias) Inductor rewrites the sum into an out-of-place addmm: +96 MiB, +0.4-0.9 ms
     function    the op's forward and backward (prepare, forward_ab, backward_ab), but through a Python autograd
                 Function instead of the C++ one: the same compiled graph, unless the route matters (ninth session)
     recast      the op's forward and backward, but the backward casts W0 again from its float32 master instead of
@@ -25,7 +24,7 @@ as the bench measures them (the previous point collected first). `--check` (any 
 loss and gradients with the op's on the tiny RoBERTa first.
 
     python tools/explore_compiled_paths.py [--models roberta-base llama-4096-2L] [--modes compile reduce-overhead]
-                                           [--candidates op function decomposed recast forward_ab] [--rounds N]
+                                           [--candidates op function decomposed recast] [--rounds N]
                                            [--json OUT] [--check] [--host-ops]
 
 `--rounds N` measures every point N times, the providers in turn each round (drift in the host's speed shows as
@@ -90,10 +89,6 @@ class CandidateFunction(torch.autograd.Function):
 
 def candidate_forward(variant: str):
     def forward(self: FusedCondLoRALinear, x: torch.Tensor) -> torch.Tensor:
-        if variant == "forward_ab":  # the op with graph_sum off: its forward stays forward_ab under torch.compile
-            return torch.ops.condlora_C.linear.default(x, self.weight, self.bias, self.generator.theta_a,
-                                                       self.generator.theta_b, self.alpha / self.r, 0.0, self.mode,
-                                                       self.recompute_weight_cast, False)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
@@ -216,7 +211,7 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["compile", "reduce-overhead"],
                         choices=["eager", "compile", "reduce-overhead"])
     parser.add_argument("--candidates", nargs="+", default=["op", "decomposed", "recast"],
-                        choices=["op", "function", "decomposed", "recast", "forward_ab"])
+                        choices=["op", "function", "decomposed", "recast"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--host-ops", action="store_true")

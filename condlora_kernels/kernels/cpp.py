@@ -126,7 +126,7 @@ if _C is not None:
 
     @torch.library.register_fake("condlora_C::linear")
     def _linear_fake(x, weight, bias, theta_a, theta_b, scaling, dropout_p=0.0, mode="paper",
-                     recompute_weight_cast=False, graph_sum=False):
+                     recompute_weight_cast=False):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

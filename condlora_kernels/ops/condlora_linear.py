@@ -138,10 +138,7 @@ def condlora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             check_mode(mode)
         if weight is None or theta_a is None or theta_b is None:
             check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)  # names the None
-        # while a graph compiler traces the call, the op may leave the layer's final sum to it (graph_sum,
-        # docs/design.md §4: Inductor then fuses it into y's consumers, as PEFT LoRA's)
-        return chosen.linear(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode, recompute_weight_cast,
-                             torch.compiler.is_compiling())
+        return chosen.linear(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode, recompute_weight_cast)
     stored = weight
     x, weight, bias = _autocast_inputs(x, weight, bias)
     check_condlora_args(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode)
