@@ -9,7 +9,7 @@ per layer. The candidates (no dropout; decomposed is a Python autograd Function 
     decomposed  prepare, then the forward as plain torch ops, y = x W0^T + b + s (x A^T) B^T: Inductor sees the
                 low-rank sum and can fuse it into its consumers (the attention's transposes), as it does for
                 PEFT. The backward is still backward_ab. Measured in the fifteenth session (benchmarks/NOTES.md):
-                RoBERTa's compiled peak 5-6 MiB below PEFT's, its step ~2.4 ms slower; on the Llama stack (no
+                RoBERTa's compiled peak 5-6 MiB below PEFT's, its step 1.6-2.4 ms slower; on the Llama stack (no
                 bias) Inductor rewrites the sum into an out-of-place addmm: +96 MiB, +0.4-0.9 ms
     function    the op's forward and backward (prepare, forward_ab, backward_ab), but through a Python autograd
                 Function instead of the C++ one: the same compiled graph, unless the route matters (ninth session)
