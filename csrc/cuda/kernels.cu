@@ -440,6 +440,16 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 }
 
+// 8 consecutive values rounded to T, as one Group<T> (16 bytes for the 16-bit types): the tiled pass's unit of
+// rounding and storing.
+template <typename T, typename TS>
+__device__ __forceinline__ Group<T> round_group(const TS* values) {
+  Group<T> out;
+#pragma unroll
+  for (int k = 0; k < kDropoutGroup; ++k) out.v[k] = from_acc<T>(to_acc(values[k]));
+  return out;
+}
+
 // The shared memory of one block, carved from the dynamic allocation: the raw stages (W0 and theta_r tiles in
 // their own types, as copied), the 16-bit tiles WMMA reads, this block's rows of theta_a (general mode), and one
 // float fragment per warp for stores.
@@ -521,8 +531,9 @@ __global__ void __launch_bounds__(kTiledPrepareThreads, 2) tiled_prepare_kernel(
   for (int f = 0; f < kRowFragmentsPerWarp; ++f) wmma::fill_fragment(row_sums[f], 0.0f);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> column_sums;
 
-  const int c = threadIdx.x % kTile, first_row = threadIdx.x / kTile;  // this thread's column of the tile
-  constexpr int kRowStep = kTiledPrepareThreads / kTile;
+  // This thread's 8 columns of the tile (one Group<T>: 16 bytes of T), in rows group_row + 32n
+  constexpr int kGroupsPerRow = kTile / kDropoutGroup, kGroupRowStep = kTiledPrepareThreads / kGroupsPerRow;
+  const int group_col = (threadIdx.x % kGroupsPerRow) * kDropoutGroup, group_row = threadIdx.x / kGroupsPerRow;
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int sub = tile % kRowTiles, stage = tile % kStages;
     const int64_t col0 = col_begin + (tile / kRowTiles) * kTile, tile_row0 = row0 + sub * kTile;
@@ -530,20 +541,24 @@ __global__ void __launch_bounds__(kTiledPrepareThreads, 2) tiled_prepare_kernel(
     copy_async_commit();
     copy_async_wait<kStages - 1>();  // this tile's copies have landed
     __syncthreads();                 // ... for every thread; and the last tile's multiplications are done
-    // Round the tile to T: into the 16-bit tile, and out to weight_out (column c of rows first_row + 4n)
-    const int64_t j = col0 + c;
+    // Round the tile to T, 8 consecutive elements per thread and step: into the 16-bit tile and out to weight_out
+    // (one 16-byte store each)
     const int rows_inside = static_cast<int>(min_int64(kTile, d_out - tile_row0));
-    T* out = weight_out == nullptr || j >= col_end ? nullptr : weight_out + (tile_row0 + first_row) * d_in + j;
+    const bool columns_inside = col0 + group_col < col_end;  // the 8 columns are all inside or all outside
+    T* out = weight_out == nullptr ? nullptr : weight_out + (tile_row0 + group_row) * d_in + col0 + group_col;
 #pragma unroll
-    for (int n = 0; n < kTile / kRowStep; ++n) {
-      const int row = first_row + n * kRowStep;
-      const T rounded = from_acc<T>(to_acc(sh.w_raw[stage][row][c]));
-      if (out != nullptr && row < rows_inside) out[n * kRowStep * d_in] = rounded;
-      sh.w_tile[row][c] = rounded;
+    for (int n = 0; n < kTile / kGroupRowStep; ++n) {
+      const int row = group_row + n * kGroupRowStep;
+      const Group<T> rounded = round_group<T>(&sh.w_raw[stage][row][group_col]);
+      if (out != nullptr && columns_inside && row < rows_inside) {
+        *reinterpret_cast<Group<T>*>(out + static_cast<int64_t>(n) * kGroupRowStep * d_in) = rounded;
+      }
+      *reinterpret_cast<Group<T>*>(&sh.w_tile[row][group_col]) = rounded;
     }
     if (sub == 0) {
-#pragma unroll
-      for (int n = first_row; n < NR; n += kRowStep) sh.theta_row[n][c] = from_acc<T>(to_acc(sh.theta_raw[stage][n][c]));
+      for (int row = group_row; row < NR; row += kGroupRowStep) {
+        *reinterpret_cast<Group<T>*>(&sh.theta_row[row][group_col]) = round_group<T>(&sh.theta_raw[stage][row][group_col]);
+      }
       wmma::fill_fragment(column_sums, 0.0f);
     }
     __syncthreads();
@@ -863,6 +878,10 @@ cudaError_t launch_tiled_prepare(DType weight_dtype, DType theta_dtype, DType ou
     const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
     if (bit == 0 || (devices_allowed.load() & bit) == 0) {
       status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      if (status != cudaSuccess) return status;
+      // all of the unified L1 as shared memory, so that two blocks fit on a multiprocessor (the copies bypass L1)
+      status = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    cudaSharedmemCarveoutMaxShared);
       if (status != cudaSuccess) return status;
       devices_allowed.fetch_or(bit);
     }
