@@ -12,6 +12,8 @@
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
 #           install in the fourteenth session
+#   llama   install, the Llama stack in all three modes for frozen, PEFT LoRA and condlora[cuda], 3 alternated rounds
+#           (~120 s after the install in the fourteenth session), into its own JSON (not the suite's)
 #   tests FILE...   install, those GPU tests with 8 workers, the whole output and the 25 slowest kept in $OUT
 #           (the whole tests/ directory needs more than one call: 420 s with 12 workers reached 95%)
 set -o pipefail
@@ -34,6 +36,13 @@ case "$part" in
        --providers frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]" ;;
   3) bench 170 --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
      bench $((570 - SECONDS + start)) --only first-step ;;
+  llama)
+    timeout $((570 - SECONDS + start)) python -m condlora_kernels bench --only model --no-first-step --no-plot \
+      --models llama-4096-2L --model-modes eager compile reduce-overhead --rounds 3 \
+      --providers frozen peft_lora "condlora[cuda]" --output "$OUT/llama" 2>&1 \
+      | grep -v -i warn | grep -E "^\||fastest|Error" | cut -c1-220
+    echo "llama: $((SECONDS - start)) s"
+    ;;
   prepare)
     timeout 200 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_cuda_prepare.py tests/test_linear_op.py \
       tests/test_cpp_backend.py > "$OUT/pytest_gpu.txt" 2>&1
@@ -47,5 +56,5 @@ case "$part" in
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
     echo "tests: $((SECONDS - start)) s"
     ;;
-  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|prepare|tests FILE..." >&2; exit 2 ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|llama|prepare|tests FILE..." >&2; exit 2 ;;
 esac

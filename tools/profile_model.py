@@ -8,6 +8,10 @@ their reasons. A step whose wall time exceeds its GPU kernel time is bound by th
 
     python tools/profile_model.py [--model roberta-base] [--providers frozen peft_lora "condlora[cuda]"]
                                   [--mode eager] [--steps 5] [--top 15] [--breaks]
+
+A provider named `candidate:NAME` is one of tools/explore_compiled_paths.py's candidates (`candidate:decomposed`:
+the forward after `prepare` as plain torch ops, whose compiled RoBERTa step cost 1.6-2.4 ms more host time than
+the op's in the fifteenth session; benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -67,6 +71,21 @@ def explain_breaks(model, batch, mode: str):
         print(f"    {count}× {reason[:300]}")
 
 
+def candidate_step(name: str, base, case, mode: str, device):
+    """The training step of one of explore_compiled_paths.py's candidates (run from the repository root)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import explore_compiled_paths
+
+    model = explore_compiled_paths.attach(name, base, case)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return bench_model.training_step(model, optimizer, bench_model.make_batch(case, model, device), device, "bf16",
+                                     mode)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="roberta-base", choices=sorted(CASES))
@@ -86,7 +105,10 @@ def main():
             model = bench_model.attach(provider, bench_model.copy.deepcopy(base), case, 0.0)
             explain_breaks(model, bench_model.make_batch(case, model, device), args.mode)
             del model
-        step, _ = bench_model.prepare_point(base, case, "bf16", args.mode, provider, device)
+        if provider.startswith("candidate:"):
+            step = candidate_step(provider.split(":", 1)[1], base, case, args.mode, device)
+        else:
+            step, _ = bench_model.prepare_point(base, case, "bf16", args.mode, provider, device)
         for _ in range(3):
             step()
         profile_step(step, args.steps, args.top)
