@@ -158,3 +158,31 @@ def test_float32_layers_keep_cublas():
     outputs, names = kernel_names(lambda: prepare(weight, theta_a, theta_b, torch.float32, "general"))
     assert not any(TILED_KERNEL.search(n) for n in names), names
     check_generation(outputs, weight, theta_a, theta_b, torch.float32, "general")
+
+
+@pytest.mark.parametrize("mode,d,r,expected", [("general", 256, 4, "tiled"), ("paper", 2048, 8, "cublas")])
+def test_theta_a_alignment_is_asked_only_where_it_is_copied(mode, d, r, expected):
+    """The tiled pass copies theta_a 16 bytes at a time in paper mode (it is part of theta_r) and reads it element by
+    element in general mode: theta_a starting 4 bytes into its storage keeps the pass in general mode only. Outside
+    CUDA graphs the paper shape is one the row kernel leaves to the tiled pass (2r * d > 24576)."""
+    weight, theta_a, theta_b = make_inputs(mode, d, d, r, torch.float32, torch.float32, seed=3)
+    shifted = torch.empty(theta_a.numel() + 1, device="cuda")[1:].view(theta_a.shape).copy_(theta_a)
+    assert shifted.data_ptr() % 16 != 0
+    outputs, names = kernel_names(lambda: prepare(weight, shifted, theta_b, torch.bfloat16, mode))
+    assert any(TILED_KERNEL.search(n) for n in names) == (expected == "tiled"), names
+    assert not any(ROW_KERNEL.search(n) for n in names), names
+    check_generation(outputs, weight, shifted, theta_b, torch.bfloat16, mode)
+    if expected == "tiled":
+        check_elementwise(outputs, weight, shifted, theta_b, torch.bfloat16, mode)
+
+
+@pytest.mark.parametrize("d_out,expected", [(65535 * 64 + 64, "tiled"), (65535 * 256 + 1, "cublas")])
+def test_general_mode_row_blocks_are_bounded_by_its_own_block_height(d_out, expected):
+    """Row blocks are gridDim.y (at most 65535). General mode's blocks are 256 rows tall, paper mode's 64: a general
+    layer of more than 65535 * 64 rows still takes the pass, one of more than 65535 * 256 rows takes cuBLAS."""
+    weight, theta_a, theta_b = make_inputs("general", 8, d_out, 1, torch.float32, torch.float32, seed=4)
+    outputs, names = kernel_names(lambda: prepare(weight, theta_a, theta_b, torch.bfloat16, "general"))
+    assert any(TILED_KERNEL.search(n) for n in names) == (expected == "tiled"), names
+    check_generation(outputs, weight, theta_a, theta_b, torch.bfloat16, "general")
+    if expected == "tiled":
+        check_elementwise(outputs, weight, theta_a, theta_b, torch.bfloat16, "general")

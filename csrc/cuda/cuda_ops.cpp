@@ -171,7 +171,9 @@ bool prepare_cuda(Mode mode, const at::Tensor& weight, const at::Tensor& theta_a
   }
   const int device = weight.get_device();
   auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  if (!aligned(weight) || !aligned(theta_a) || !aligned(theta_b)) return false;  // the pass copies 16 bytes at a time
+  // the pass copies W0 and theta_r ([theta_a; theta_b] in paper mode, theta_b in general mode) 16 bytes at a time;
+  // general mode's theta_a is read element by element
+  if (!aligned(weight) || !aligned(theta_b) || (paper && !aligned(theta_a))) return false;
   if (!cuda::tiled_prepare_supported(weight_dtype, theta_dtype, out_dtype, paper, static_cast<int>(r), d_out, d_in,
                                      device)) {
     return false;

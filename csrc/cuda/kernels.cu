@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 
 #include "../philox.h"
 #include "kernels.cuh"
@@ -293,19 +294,6 @@ __global__ void sum_partials_kernel(const acc_t<T>* __restrict__ partial, int sp
   }
 }
 
-int multiprocessor_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};  // benign race: every thread writes the same value
-  if (device >= 0 && device < kMaxDevices && counts[device] > 0) return counts[device];
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
-    (void)cudaGetLastError();  // clear the error; a guess of 132 SMs only changes the grid shape
-    count = 132;
-  }
-  if (device >= 0 && device < kMaxDevices) counts[device] = count;
-  return count;
-}
-
 // Calls fn(kernel) with the token_reduce_kernel instantiation for dtype and rank r: the rank rounded up to a
 // compiled size, since the per-thread accumulators are registers and R must be a constant.
 template <typename Fn>
@@ -413,7 +401,7 @@ struct TiledPrepareArgs {  // launch_tiled_prepare's arguments, as the kernel re
   const void* weight;
   const void* theta_a;
   const void* theta_b;
-  int64_t d_out, d_in;   // d_in a multiple of 8, the pointers 16-byte aligned: whole 16-byte copies
+  int64_t d_out, d_in;   // d_in a multiple of 8, W0 and the copied theta 16-byte aligned: whole 16-byte copies
   int r;
   int64_t strip_cols;    // columns per strip, a multiple of kTile
   void* weight_out;      // W0 rounded, or null
@@ -648,6 +636,52 @@ __global__ void finish_generation_kernel(const float* __restrict__ row_partial, 
   }
 }
 
+// What the launches need to know of a device, asked of the driver once per device (std::call_once: the first call
+// of each device does the queries, later calls only read): the multiprocessor count that sizes the grids, and for
+// the tiled pass whether the build has sm_80 code for the device (WMMA on 16-bit types; a build without it would run
+// the pass from older PTX, where its body is a trap) and the shared memory a block may opt in to (sm_86 and sm_89
+// allow 99 KiB, less than the largest instantiation's 110 KiB).
+struct DeviceFacts {
+  int multiprocessors = 132;  // a guess where the query fails: it only changes the grid shape
+  bool has_sm80_code = false;
+  int64_t shared_bytes_per_block = 0;
+};
+
+DeviceFacts query_device_facts(int device) {
+  DeviceFacts facts;
+  int previous = 0, value = 0;
+  if (cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && value > 0) {
+    facts.multiprocessors = value;
+  }
+  if (cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess) {
+    facts.shared_bytes_per_block = value;
+  }
+  cudaFuncAttributes attributes;
+  if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
+    // ptxVersion: the virtual architecture of the code that runs on this device (as CUB's PtxVersion reads it)
+    if (cudaFuncGetAttributes(&attributes, tiled_prepare_kernel<float, float, __half, 16, 0, kPaperBlockRows>) ==
+        cudaSuccess) {
+      facts.has_sm80_code = attributes.ptxVersion >= 80;
+    }
+    (void)cudaSetDevice(previous);
+  }
+  (void)cudaGetLastError();  // an error here only means "not known": clear it
+  return facts;
+}
+
+const DeviceFacts& device_facts(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static DeviceFacts facts[kMaxDevices];
+  if (device < 0 || device >= kMaxDevices) {  // beyond the table: asked on every call
+    thread_local DeviceFacts unlisted;
+    unlisted = query_device_facts(device);
+    return unlisted;
+  }
+  std::call_once(once[device], [device] { facts[device] = query_device_facts(device); });
+  return facts[device];
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -686,7 +720,7 @@ int token_reduce_splits(DType dtype, int r, int64_t n_rows, int64_t n_cols, int 
   (void)with_token_reduce_kernel(dtype, r, [&](auto kernel) {
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kReduceThreads, 0);
   });
-  const int64_t resident = std::max(1, blocks_per_sm) * static_cast<int64_t>(multiprocessor_count(device));
+  const int64_t resident = std::max(1, blocks_per_sm) * static_cast<int64_t>(device_facts(device).multiprocessors);
   const int64_t column_blocks = ceil_div(n_cols, kReduceThreads);
   const int64_t wanted = std::max<int64_t>(1, resident / column_blocks);
   const int64_t most_useful = std::max<int64_t>(1, ceil_div(n_rows, 64));
@@ -751,41 +785,6 @@ cudaError_t launch_prepare(DType weight_dtype, DType theta_dtype, DType out_dtyp
 
 namespace {
 
-// What the tiled pass needs of a device, found once per device: sm_80 code for it (WMMA on 16-bit types; a build
-// without sm_80 code would run it from older PTX, where its body is a trap), and the shared memory a block may opt
-// in to (sm_86 and sm_89 allow 99 KiB, less than the largest instantiation's 110 KiB).
-struct TiledPrepareDevice {
-  bool has_sm80_code = false;
-  int64_t shared_bytes_per_block = 0;
-};
-
-TiledPrepareDevice tiled_prepare_device(int device) {
-  constexpr int kMaxDevices = 64;
-  static TiledPrepareDevice found[kMaxDevices];
-  static std::atomic<bool> known[kMaxDevices] = {};  // benign race: every thread finds the same values
-  if (device >= 0 && device < kMaxDevices && known[device].load()) return found[device];
-  TiledPrepareDevice result;
-  int previous = 0, shared_bytes = 0;
-  cudaFuncAttributes attributes;
-  if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
-    // ptxVersion: the virtual architecture of the code that runs on this device (as CUB's PtxVersion reads it)
-    if (cudaFuncGetAttributes(&attributes, tiled_prepare_kernel<float, float, __half, 16, 0, kPaperBlockRows>) ==
-        cudaSuccess) {
-      result.has_sm80_code = attributes.ptxVersion >= 80;
-    }
-    if (cudaDeviceGetAttribute(&shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess) {
-      result.shared_bytes_per_block = shared_bytes;
-    }
-    (void)cudaSetDevice(previous);
-  }
-  (void)cudaGetLastError();  // an error here only means "not supported": clear it
-  if (device >= 0 && device < kMaxDevices) {
-    found[device] = result;
-    known[device].store(true);
-  }
-  return result;
-}
-
 // Calls fn(kernel, layout, out_tag) with the instantiation of tiled_prepare_kernel that takes these dtypes and this
 // width of R (2r in paper mode, r in general mode): the one place that picks it, for the launch and for the
 // shared-memory check. layout is a null TiledPrepareShared pointer (its type is the block's shared memory), out_tag a
@@ -835,15 +834,15 @@ bool tiled_prepare_supported(DType weight_dtype, DType theta_dtype, DType out_dt
   if (theta_dtype != out_dtype && theta_dtype != DType::kFloat) return false;
   if (r < 1 || (paper ? 2 * r : r) > 32 || d_out < 1 || d_in < 1) return false;
   if (d_in % 8 != 0) return false;  // rows of whole 16-byte copies
-  if (ceil_div(d_out, kPaperBlockRows) > 65535) return false;  // row blocks are gridDim.y
+  if (ceil_div(d_out, paper ? kPaperBlockRows : kGeneralBlockRows) > 65535) return false;  // row blocks: gridDim.y
   int64_t shared_bytes = 0;
   (void)with_tiled_prepare_kernel(weight_dtype, theta_dtype, out_dtype, paper, paper ? 2 * r : r,
                                   [&](auto /*kernel*/, auto* layout, auto /*out_tag*/) {
                                     shared_bytes = sizeof(*layout);
                                     return cudaSuccess;
                                   });
-  const TiledPrepareDevice found = tiled_prepare_device(device);
-  return found.has_sm80_code && shared_bytes <= found.shared_bytes_per_block;
+  const DeviceFacts& facts = device_facts(device);
+  return facts.has_sm80_code && shared_bytes <= facts.shared_bytes_per_block;
 }
 
 TiledPrepareGrid tiled_prepare_grid(bool paper, int64_t d_out, int64_t d_in, int device) {
@@ -853,7 +852,7 @@ TiledPrepareGrid tiled_prepare_grid(bool paper, int64_t d_out, int64_t d_in, int
   TiledPrepareGrid grid;
   grid.row_blocks = ceil_div(d_out, paper ? kPaperBlockRows : kGeneralBlockRows);
   const int64_t tiles_per_row = ceil_div(d_in, kTile);
-  const int64_t wanted = 2 * static_cast<int64_t>(multiprocessor_count(device));
+  const int64_t wanted = 2 * static_cast<int64_t>(device_facts(device).multiprocessors);
   const int64_t strips = std::max<int64_t>(1, std::min<int64_t>(tiles_per_row, wanted / grid.row_blocks));
   grid.strip_cols = ceil_div(tiles_per_row, strips) * kTile;
   grid.column_strips = ceil_div(d_in, grid.strip_cols);
