@@ -216,12 +216,15 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> generate_checked(const at::Tensor& weight, const at::Tensor& theta_a,
                                                     const at::Tensor& theta_b, Mode mode) {
   const int64_t r = theta_a.size(0);
-  if (mode == Mode::kPaper) {
-    // A = theta_a W0^T and B^T = theta_b W0^T both multiply W0^T: one GEMM reads W0 once for both.
+  if (mode == Mode::kPaper && !weight.is_cpu()) {
+    // A = theta_a W0^T and B^T = theta_b W0^T both multiply W0^T: one GEMM reads W0 once for both (a GPU's
+    // generation is bound by reading W0). On the CPU the concatenation and B's transposed copy cost more host time
+    // than the second read of W0 saves (benchmarks/NOTES.md, sixteenth session): two GEMMs, as in general mode.
     const at::Tensor stacked = at::mm(at::cat({theta_a, theta_b}), weight.t());  // (2r, d) = [A; B^T]
     return {stacked.narrow(0, 0, r), stacked.narrow(0, r, r).t().contiguous()};
   }
-  return {at::mm(theta_a, weight).contiguous(), at::mm(weight, theta_b.t()).contiguous()};
+  const at::Tensor w_for_a = mode == Mode::kPaper ? weight.t() : weight;  // A = theta_a W0^T (paper), theta_a W0
+  return {at::mm(theta_a, w_for_a).contiguous(), at::mm(weight, theta_b.t()).contiguous()};
 }
 
 }  // namespace
