@@ -74,9 +74,10 @@ cudaError_t launch_prepare(DType weight_dtype, DType theta_dtype, DType out_dtyp
 // generation of docs/design.md §1 defines them, from W0 and theta rounded to the output type (the products cuBLAS
 // computes after the casts), summed in float32; weight_out = W0 rounded, where not null. Inputs contiguous, d_in a
 // multiple of 8 and W0 and theta_b 16-byte aligned, theta_a too in paper mode (the pass copies them 16 bytes at a
-// time, asynchronously, a few tiles ahead; general mode's theta_a is read element by element); W0 and theta each float32 or the output type. Two launches: the pass (tensor cores, sm_80 and
-// later), then the sums of the float32 partials, in a fixed order. The partial buffers: row_partial (column_strips,
-// d_out, 2r in paper mode or r), column_partial (row_blocks, r, d_in) in general mode (unused in paper mode).
+// time, asynchronously, a few tiles ahead; general mode's theta_a is read element by element); W0 and theta each
+// float32 or the output type. Two launches: the pass (tensor cores, sm_80 and later), then the sums of the float32
+// partials, in a fixed order. The partial buffers: row_partial (column_strips, d_out, 2r in paper mode or r),
+// column_partial (row_blocks, r, d_in) in general mode (unused in paper mode).
 struct TiledPrepareGrid {
   int64_t row_blocks = 1, column_strips = 1, strip_cols = 0;
 };
