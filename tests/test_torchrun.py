@@ -61,6 +61,19 @@ def test_multigpu_script_under_torchrun(tmp_path):
     assert stdout.count("wrote ") == 1  # rank 0 writes
 
 
+def test_multigpu_throughput_with_fsdp2_shards_both_providers(tmp_path):
+    """--throughput --strategy fsdp2: PEFT LoRA's model (no CondLoRA layer, which shard_condlora_model refuses) is
+    sharded with the same units as CondLoRA's, block by block and then the root."""
+    out = tmp_path / "throughput.json"
+    code, stdout, stderr = torchrun("tools/multigpu.py", "--device", "cpu", "--tiny", "--throughput", "--strategy",
+                                    "fsdp2", "--model", "roberta", "--warmup", "1", "--timed-steps", "1",
+                                    "--out", str(out))
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    rows = json.loads(out.read_text())["throughput"]["roberta"]["rows"]
+    assert [r["provider"] for r in rows] == ["peft_lora", "condlora[auto]"]
+    assert all(r["examples_per_s"] > 0 and r["strategy"] == "fsdp2" for r in rows)
+
+
 def test_multigpu_check_fails_outside_the_tolerance(tmp_path, monkeypatch, capsys):
     """One process (a group of one, no torchrun), a reference whose losses are off: exit code 1, ok false."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
