@@ -23,6 +23,9 @@ def _worker(rank, run_config, names, world_size, output_dir):
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     torch.distributed.destroy_process_group()
+    # without the interpreter's teardown: after fully_shard (tests/test_fsdp.py) gloo's threads outlive the group,
+    # and one that drops a tensor while Python shuts down can abort the process (docs/design.md §8.7)
+    os._exit(0)
 
 
 def run_in_processes(run_config, names, world_size: int, output_dir: str) -> dict:
