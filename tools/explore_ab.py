@@ -26,6 +26,8 @@ from condlora_kernels.bench import model as bench_model
 from condlora_kernels.bench.shapes import ROBERTA_BASE
 from condlora_kernels.timing import cuda_median_ms
 
+# each variant's provider: new and old run the same condlora[cuda] step, old with the toggle set
+VARIANTS = {"frozen": "frozen", "peft": "peft_lora", "new": "condlora[cuda]", "old": "condlora[cuda]"}
 
 
 def main() -> None:
@@ -39,11 +41,12 @@ def main() -> None:
     device = torch.device("cuda")
     case = ROBERTA_BASE
     base = bench_model.build_model(case, device)
-    results = {"toggle": args.toggle, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "case": case.name, "modes": {}}
+    results = {"toggle": args.toggle, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "case": case.name, "modes": {}}
     for mode in args.modes:
         torch._dynamo.reset()
         steps = {}
-        for provider in ("frozen", "peft_lora", "condlora[cuda]"):
+        for provider in dict.fromkeys(VARIANTS.values()):
             step, _ = bench_model.prepare_point(base, case, "bf16", mode, provider, device)
             for _ in range(3):  # compile, warm up
                 step()
@@ -54,16 +57,16 @@ def main() -> None:
             if variant == "old":
                 os.environ[args.toggle] = "1"
             try:
-                step = steps[{"frozen": "frozen", "peft": "peft_lora"}.get(variant, "condlora[cuda]")]
+                step = steps[VARIANTS[variant]]
                 step()  # one untimed step after a switch
                 return cuda_median_ms(step, warmup=1, reps=args.steps, min_reps=args.steps)
             finally:
                 os.environ.pop(args.toggle, None)
 
-        variants = ["frozen", "peft", "new", "old"]
+        variants = list(VARIANTS)
         rounds = {v: [] for v in variants}
         for i in range(args.rounds):
-            order = variants[i % 4:] + variants[:i % 4]
+            order = variants[i % len(variants):] + variants[:i % len(variants)]
             for v in order:
                 rounds[v].append(run(v))
             print(mode, i, {v: round(rounds[v][-1], 2) for v in variants}, flush=True)
