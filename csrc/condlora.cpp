@@ -422,9 +422,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
 // backward on the generated A and B (docs/design.md §4)
 // ---------------------------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKernels& kernels, const at::Tensor& weight,
-                                                                const at::Tensor& theta_a, const at::Tensor& theta_b,
-                                                                at::ScalarType dtype, const std::string& mode_name) {
+namespace {
+
+// prepare's arguments: weight in dtype or a float32 master of a half dtype, the generators in any floating dtype,
+// all on weight's device, with the shapes the mode asks for.
+Mode check_prepare_args(const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
+                        at::ScalarType dtype, const std::string& mode_name) {
   const Mode mode = parse_mode(mode_name);
   check_master("weight", weight, dtype, weight.device());
   check_layout_and_dtype("theta_a", theta_a);
@@ -434,6 +437,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKern
     TORCH_CHECK_VALUE(t.device() == weight.device(), name, " is on ", t.device().str(), " but weight is on ",
                       weight.device().str(), ": all tensors must be on one device");
   }
+  return mode;
+}
+
+// (weight_cast, lora_a, lora_b) from checked arguments.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_checked(const DeviceKernels& kernels, const at::Tensor& weight,
+                                                               const at::Tensor& theta_a, const at::Tensor& theta_b,
+                                                               at::ScalarType dtype, Mode mode) {
   const int64_t d_out = weight.size(0), d_in = weight.size(1), r = theta_a.size(0);
   const bool cast_weight = weight.scalar_type() != dtype;
   const auto options = weight.options().dtype(dtype);
@@ -451,32 +461,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKern
   return {cast_weight ? w : weight_out, lora_a, lora_b};
 }
 
+// forward_ab's checks of x, bias and the seed against a checked weight (N rows of x, the other sizes from weight).
+void check_x_bias_seed(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  check_layout_and_dtype("x", x);
+  check_scaling_and_dropout(scaling, dropout_p);
+  if (bias.has_value()) check_master("bias", *bias, x.scalar_type(), x.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && x.dim() == 2 && x.size(1) == weight.size(1),
+                    "x must be 2-D (N, d_in) with d_in=", std::to_string(weight.size(1)), " (weight is ",
+                    py_tuple(weight.sizes()), "), got x ", py_tuple(x.sizes()));
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
+                      std::to_string(weight.size(0)), ",) to match weight ", py_tuple(weight.sizes()), ", got ",
+                      py_tuple(bias->sizes()));
+  }
+  check_seed(seed, dropout_p, x.device());
+}
+
+std::optional<at::Tensor> bias_in(const std::optional<at::Tensor>& bias, at::ScalarType dtype) {
+  return bias.has_value() ? std::optional<at::Tensor>(cast(*bias, dtype)) : std::nullopt;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKernels& kernels, const at::Tensor& weight,
+                                                                const at::Tensor& theta_a, const at::Tensor& theta_b,
+                                                                at::ScalarType dtype, const std::string& mode_name) {
+  const Mode mode = check_prepare_args(weight, theta_a, theta_b, dtype, mode_name);
+  return prepare_checked(kernels, weight, theta_a, theta_b, dtype, mode);
+}
+
 std::tuple<at::Tensor, at::Tensor> condlora_forward_ab(const DeviceKernels& kernels, const at::Tensor& x_in,
                                                        const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                                        const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                        double scaling, double dropout_p,
                                                        const std::optional<at::Tensor>& seed) {
-  check_layout_and_dtype("x", x_in);
-  check_scaling_and_dropout(scaling, dropout_p);
+  check_x_bias_seed(x_in, weight, bias, scaling, dropout_p, seed);
   check_same_dtype_and_device("weight", weight, x_in);
   check_same_dtype_and_device("lora_a", lora_a, x_in);
   check_same_dtype_and_device("lora_b", lora_b, x_in);
-  if (bias.has_value()) check_master("bias", *bias, x_in.scalar_type(), x_in.device());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && x_in.dim() == 2 && x_in.size(1) == weight.size(1),
-                    "x must be 2-D (N, d_in) with d_in=", std::to_string(weight.size(1)), " (weight is ",
-                    py_tuple(weight.sizes()), "), got x ", py_tuple(x_in.sizes()));
   const Sizes sz{x_in.size(0), weight.size(1), weight.size(0), lora_a.size(0), Mode::kGeneral};
   check_shape("lora_a", lora_a, {sz.r, sz.d_in}, "r, d_in");
   check_shape("lora_b", lora_b, {sz.d_out, sz.r}, "d_out, r");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == sz.d_out, "bias must have shape (", std::to_string(sz.d_out),
-                      ",) to match weight ", py_tuple(weight.sizes()), ", got ", py_tuple(bias->sizes()));
-  }
-  check_seed(seed, dropout_p, x_in.device());
-  const std::optional<at::Tensor> bias_cast =
-      bias.has_value() ? std::optional<at::Tensor>(cast(*bias, x_in.scalar_type())) : std::nullopt;
-  return forward_core(kernels, x_in.contiguous(), weight, bias_cast, lora_a.contiguous(), lora_b.contiguous(), scaling,
-                      dropout_p, seed, sz);
+  return forward_core(kernels, x_in.contiguous(), weight, bias_in(bias, x_in.scalar_type()), lora_a.contiguous(),
+                      lora_b.contiguous(), scaling, dropout_p, seed, sz);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_prepare_forward(
+    const DeviceKernels& kernels, const at::Tensor& x_in, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode_name) {
+  check_layout_and_dtype("x", x_in);  // first: x's dtype is the one the others are checked against
+  const at::ScalarType dtype = x_in.scalar_type();
+  const Mode mode = check_prepare_args(weight, theta_a, theta_b, dtype, mode_name);
+  TORCH_CHECK_VALUE(weight.device() == x_in.device(), "weight is on ", weight.device().str(), " but x is on ",
+                    x_in.device().str(), ": all tensors must be on one device");
+  check_x_bias_seed(x_in, weight, bias, scaling, dropout_p, seed);
+  auto [weight_cast, lora_a, lora_b] = prepare_checked(kernels, weight, theta_a, theta_b, dtype, mode);
+  const Sizes sz{x_in.size(0), weight.size(1), weight.size(0), lora_a.size(0), mode};
+  auto [y, u] = forward_core(kernels, x_in.contiguous(), weight.scalar_type() == dtype ? weight : weight_cast,
+                             bias_in(bias, dtype), lora_a, lora_b, scaling, dropout_p, seed, sz);
+  return {y, u, weight_cast, lora_a, lora_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
@@ -545,6 +590,11 @@ TORCH_LIBRARY(condlora_C, m) {
   m.def(
       "forward_ab(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, "
       "float dropout_p, Tensor? seed) -> (Tensor y, Tensor u)",
+      tags);
+  m.def(
+      "prepare_forward(Tensor x, Tensor weight, Tensor? bias, Tensor theta_a, Tensor theta_b, float scaling, "
+      "float dropout_p, Tensor? seed, str mode) -> (Tensor y, Tensor u, Tensor weight_cast, Tensor lora_a, "
+      "Tensor lora_b)",
       tags);
   m.def(
       "backward_ab(Tensor grad_y, Tensor x, Tensor weight, Tensor u, Tensor lora_a, Tensor lora_b, float scaling, "

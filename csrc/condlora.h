@@ -138,6 +138,13 @@ std::tuple<at::Tensor, at::Tensor> condlora_forward_ab(const DeviceKernels& kern
                                                        const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                        double scaling, double dropout_p,
                                                        const std::optional<at::Tensor>& seed);
+// prepare_forward: prepare, then forward_ab, in one op: (y, u, weight_cast, lora_a, lora_b), the compute dtype x's.
+// What linear.cpp calls: under torch.compile each op of the graph is one call from Python per step, so one op
+// instead of two is one call fewer per layer (benchmarks/NOTES.md, nineteenth session).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_prepare_forward(
+    const DeviceKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
+    double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
     const DeviceKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,

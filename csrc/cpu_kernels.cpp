@@ -374,6 +374,14 @@ std::tuple<at::Tensor, at::Tensor> forward_ab_cpu(const at::Tensor& x, const at:
   return condlora_forward_ab(kCpuKernels, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
 }
 
+using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Five prepare_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
+                         const std::optional<at::Tensor>& seed, const std::string& mode) {
+  return condlora_prepare_forward(kCpuKernels, x, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_ab_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
     const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
@@ -410,5 +418,6 @@ TORCH_LIBRARY_IMPL(condlora_C, CPU, m) {
   m.impl("dropout_keep_mask", &condlora::dropout_keep_mask_cpu);
   m.impl("prepare", &condlora::prepare_cpu);
   m.impl("forward_ab", &condlora::forward_ab_cpu);
+  m.impl("prepare_forward", &condlora::prepare_forward_cpu);
   m.impl("backward_ab", &condlora::backward_ab_cpu);
 }

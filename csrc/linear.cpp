@@ -6,9 +6,10 @@
 //     generators uncast: the op rounds them itself, in the form it needs;
 //   - draws the dropout seed on x's device (draw_seed, an op Inductor keeps as it is, so compiled and eager runs
 //     draw the same masks);
-//   - runs through three ops of condlora.cpp, which are what torch.compile traces (each has a fake implementation
-//     in kernels/cpp.py): prepare (A and B, and the weight rounded to x's dtype, in one pass over W0 where the
-//     device has the kernel), forward_ab and backward_ab;
+//   - runs through two ops of condlora.cpp, which are what torch.compile traces (each has a fake implementation
+//     in kernels/cpp.py): prepare_forward (prepare: A and B, and the weight rounded to x's dtype, in one pass over
+//     W0 where the device has the kernel; then forward_ab: u and y) and backward_ab. One op per direction: in a
+//     compiled graph each op is one call from Python per layer and step;
 //   - returns the generators' gradients in the generators' own dtype (the engine casts them);
 //   - keeps from forward to backward the weight in x's dtype (prepare's rounding of a float32 master), or, with
 //     recompute_weight_cast or an x that needs no gradient, only the master, rounded again in the backward: 2 bytes
@@ -37,20 +38,13 @@ const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& draw_seed_op() {
   return op;
 }
 
-using Three = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Two = std::tuple<at::Tensor, at::Tensor>;
 using Four = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-const auto& prepare_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("condlora_C::prepare", "").typed<Three(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType, const std::string&)>();
-  return op;
-}
-
-const auto& forward_ab_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("condlora_C::forward_ab", "").typed<Two(
+const auto& prepare_forward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("condlora_C::prepare_forward", "").typed<Five(
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-      double, double, const std::optional<at::Tensor>&)>();
+      double, double, const std::optional<at::Tensor>&, const std::string&)>();
   return op;
 }
 
@@ -115,10 +109,10 @@ ForwardResult run_forward(const at::Tensor& x, const at::Tensor& weight, const s
                           const std::string& mode) {
   ForwardResult out;
   out.x2d = x.reshape_symint({-1, x.sym_size(-1)});
-  auto [weight_cast, lora_a, lora_b] = prepare_op().call(weight, theta_a, theta_b, x.scalar_type(), mode);
-  out.weight = weight.scalar_type() == x.scalar_type() ? weight : weight_cast;
   if (dropout_p > 0.0) out.seed = draw_seed_op().call(x);
-  auto [y, u] = forward_ab_op().call(out.x2d, out.weight, bias, lora_a, lora_b, scaling, dropout_p, out.seed);
+  auto [y, u, weight_cast, lora_a, lora_b] =
+      prepare_forward_op().call(out.x2d, weight, bias, theta_a, theta_b, scaling, dropout_p, out.seed, mode);
+  out.weight = weight.scalar_type() == x.scalar_type() ? weight : weight_cast;
   out.y2d = y;
   out.u = u;
   out.lora_a = lora_a;

@@ -155,8 +155,57 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.condlora_C.backward_ab.default,
                               (torch.randn_like(y), x2, w, u, lora_a, lora_b, 1.5, 0.0, None, "paper", torch.float32,
                                [True, True, True, True], stack))
+    for weight in (w, w.double()):  # x's dtype, and a float32 master... of a float64 x is refused: see below
+        if weight.dtype == x2.dtype:
+            torch.library.opcheck(torch.ops.condlora_C.prepare_forward.default,
+                                  (x2, weight, b, ta2, tb2, 1.5, 0.0, None, "paper"))
+    torch.library.opcheck(torch.ops.condlora_C.prepare_forward.default,
+                          (x2.half(), w, b, ta2, tb2, 1.5, 0.0, None, "paper"))  # float32 masters of a half x
     torch.library.opcheck(torch.ops.condlora_C.draw_seed.default, (x2,), test_utils=("test_schema",
                                                                                     "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float16), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("mode,d_in,d_out,r", [("paper", 40, 40, 4), ("general", 24, 40, 3), ("paper", 768, 768, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_prepare_forward_is_prepare_then_forward_ab(device, x_dtype, w_dtype, mode, d_in, d_out, r, bias):
+    """prepare_forward, the op linear() calls, returns bit for bit what prepare and forward_ab return one after the
+    other: the same kernels on the same inputs (float32 masters of a half-precision x included)."""
+    problem = make_problem(37, d_in, d_out, r, mode=mode, dtype=torch.float32, device=device, seed=d_in + r,
+                           bias=bias)
+    x = problem.x.detach().reshape(-1, d_in).to(x_dtype)
+    w, b = problem.weight.to(w_dtype), problem.bias.to(w_dtype) if bias else None
+    ta, tb = problem.theta_a.detach(), problem.theta_b.detach()
+    weight_cast, lora_a, lora_b = torch.ops.condlora_C.prepare.default(w, ta, tb, x_dtype, mode)
+    y, u = torch.ops.condlora_C.forward_ab.default(x, weight_cast if w_dtype != x_dtype else w, b, lora_a, lora_b,
+                                                   1.5, 0.0, None)
+    got = torch.ops.condlora_C.prepare_forward.default(x, w, b, ta, tb, 1.5, 0.0, None, mode)
+    for name, a, b_ in zip(("y", "u", "weight_cast", "lora_a", "lora_b"), got, (y, u, weight_cast, lora_a, lora_b)):
+        assert a.dtype == b_.dtype and a.shape == b_.shape and torch.equal(a, b_), name
+    assert (got[2].numel() == 0) == (w_dtype == x_dtype)  # the rounding comes back only where there was one
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prepare_forward_names_bad_arguments(device):
+    problem = make_problem(6, 8, 8, 2, mode="paper", device=device)
+    x, w, b, ta, tb = (t.detach() for t in problem.leaves())
+    x2 = x.reshape(-1, 8)
+    op = torch.ops.condlora_C.prepare_forward.default
+    with pytest.raises(ValueError, match=r"x must be 2-D \(N, d_in\) with d_in=8"):
+        op(x2[:, :5], w, b, ta, tb, 1.0, 0.0, None, "paper")
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has dtype torch.float32"):
+        op(x2, w.double(), b, ta, tb, 1.0, 0.0, None, "paper")
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        op(x2, w, b[:3], ta, tb, 1.0, 0.0, None, "paper")
+    with pytest.raises(ValueError, match="seed must be given when dropout_p > 0"):
+        op(x2, w, b, ta, tb, 1.0, 0.1, None, "paper")
+    with pytest.raises(ValueError, match=r"theta_a must have shape \(2, 8\)"):
+        op(x2, w, b, ta[:, :3], tb, 1.0, 0.0, None, "paper")
+    if device == "cuda":  # (the dispatcher picks the kernel by x's device; a meta weight would pick the fake)
+        with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+            op(x2, w.cpu(), b, ta.cpu(), tb.cpu(), 1.0, 0.0, None, "paper")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -104,6 +104,12 @@ if _C is not None:
     def _forward_ab_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
         return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
+    @torch.library.register_fake("condlora_C::prepare_forward")
+    def _prepare_forward_fake(x, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode):
+        weight_cast, lora_a, lora_b = _prepare_fake(weight, theta_a, theta_b, x.dtype, mode)
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], theta_a.shape[0]), weight_cast, \
+            lora_a, lora_b
+
     @torch.library.register_fake("condlora_C::backward_ab")
     def _backward_ab_fake(grad_y, x, weight, u, lora_a, lora_b, scaling, dropout_p, seed, mode, theta_dtype, needs,
                           stack_theta_grads=False):

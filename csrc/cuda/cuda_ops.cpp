@@ -243,6 +243,15 @@ std::tuple<at::Tensor, at::Tensor> forward_ab_cuda(const at::Tensor& x, const at
   return condlora_forward_ab(kCudaKernels, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed);
 }
 
+using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Five prepare_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling, double dropout_p,
+                         const std::optional<at::Tensor>& seed, const std::string& mode) {
+  const c10::OptionalDeviceGuard guard(cuda_device_of(x));
+  return condlora_prepare_forward(kCudaKernels, x, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_ab_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& u,
     const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
@@ -273,5 +282,6 @@ TORCH_LIBRARY_IMPL(condlora_C, CUDA, m) {
   m.impl("dropout_keep_mask", &condlora::dropout_keep_mask_cuda);
   m.impl("prepare", &condlora::prepare_cuda_op);
   m.impl("forward_ab", &condlora::forward_ab_cuda);
+  m.impl("prepare_forward", &condlora::prepare_forward_cuda);
   m.impl("backward_ab", &condlora::backward_ab_cuda);
 }
