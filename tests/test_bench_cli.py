@@ -420,3 +420,37 @@ def test_argument_errors_are_one_line(capsys):
         main(["--only", "everything"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("condlora bench: error: argument --only"), err
+
+
+WARMUP_PROBE = """
+import sys, torch, torch.nn.functional as F
+from condlora_kernels.bench.model import ModelSuite
+from condlora_kernels.bench.shapes import Settings
+if sys.argv[1] == "warm":
+    ModelSuite(torch.device("cuda"), Settings())._warm_libraries()
+x = torch.randn(256, 768, device="cuda", requires_grad=True)
+w, b = torch.randn(768, 768, device="cuda"), torch.randn(768, device="cuda")
+torch.cuda.synchronize()
+before = torch.cuda.memory_allocated()
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    y = F.linear(x, w, b)
+y.sum().backward()
+del y
+x.grad = None
+torch.cuda.synchronize()
+print(torch.cuda.memory_allocated() - before)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_suite_makes_the_libraries_one_time_allocations_before_its_first_point():
+    """A model point's peak counts what the point allocates; cuBLAS's workspaces, which a process allocates on its
+    first GEMMs and keeps, are made by the suite before its first point. In a fresh process: without the warm-up
+    a layer's first training step leaves them allocated (so the check below can fail), after it nothing."""
+    import subprocess
+    import sys
+
+    kept = {how: int(subprocess.run([sys.executable, "-c", WARMUP_PROBE, how], capture_output=True, text=True,
+                                    check=True).stdout.split()[-1]) for how in ("cold", "warm")}
+    assert kept["cold"] > 0, kept
+    assert kept["warm"] == 0, kept

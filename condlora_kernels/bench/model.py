@@ -40,7 +40,8 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
                       what was allocated before it. The previous point's model is collected first: a compiled
                       model sits in reference cycles, and freed by the garbage collector in the middle of the
                       next point it lowered that point's figure by whatever it held (benchmarks/NOTES.md,
-                      seventh session)
+                      seventh session); and cuBLAS's workspaces are allocated before the first point, so that no
+                      point is charged with what the process allocates once (nineteenth session)
     step_peak_mem_bytes  the same peak over the timed steps only: the steady state, what bounds the batch size
     round_ms          with settings.model_rounds = R > 1, each model and mode's providers are measured R times,
     round_host_mm_us  in turn (frozen, PEFT, ..., then again), each time as above; the point's row keeps every
@@ -326,6 +327,23 @@ class ModelSuite:
     def __post_init__(self):
         self.device = torch.device(self.device)
         self._env = report.row_environment(self.device)
+        self._libraries_warm = False
+
+    def _warm_libraries(self) -> None:
+        """Make, before the first point, the allocations a process makes once and keeps: cuBLAS's workspace, one
+        per thread that calls it (the forward's and the autograd engine's), and cuBLASLt's (a GEMM with a bias).
+        Otherwise the first point that calls them is charged with them: 64 MiB and 1 MiB on the H200, which made a
+        point's peak depend on the points run before it (benchmarks/NOTES.md, nineteenth session)."""
+        if self._libraries_warm or self.device.type != "cuda":
+            return
+        x = torch.randn(8, 64, device=self.device, requires_grad=True)
+        weight, bias = torch.randn(64, 64, device=self.device), torch.randn(64, device=self.device)
+        for dtype in (torch.float32, torch.bfloat16):
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                y = F.linear(x, weight, bias)
+            y.sum().backward()
+        synchronize(self.device)
+        self._libraries_warm = True
 
     def plan(self, providers=MODEL_PROVIDERS) -> list:
         """Every (case, precision, mode, provider) of the settings: per case and mode, frozen and PEFT first
@@ -373,6 +391,7 @@ class ModelSuite:
             dynamo_counters.clear()  # what this point compiles: graphs (recompilations included), breaks
             cuda = self.device.type == "cuda"
             if cuda:  # peak memory of this point: the copy, grads, states, activations
+                self._warm_libraries()
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
