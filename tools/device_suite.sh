@@ -14,6 +14,10 @@
 #           install in the fourteenth session
 #   llama   install, the Llama stack in all three modes for frozen, PEFT LoRA and condlora[cuda], 3 alternated rounds
 #           (~120 s after the install in the fourteenth session), into its own JSON (not the suite's)
+#   ab TOGGLE  install, the op's GPU tests (the three files of `prepare`), then tools/explore_ab.py with that toggle,
+#           eager and compiled, 6 rounds (nineteenth session: ~100 s of tests, ~300 s of A/B after the install)
+#   points  install, tools/explore_point_memory.py: the bytes first GEMMs keep, then RoBERTa-base's compiled points
+#           in the suite's order and reversed (nineteenth session: ~210 s after the install, eager points included)
 #   tests FILE...   install, those GPU tests with 8 workers, the whole output and the 25 slowest kept in $OUT
 #           (the whole tests/ directory needs more than one call: 420 s with 12 workers reached 95%)
 set -o pipefail
@@ -50,11 +54,30 @@ case "$part" in
     timeout 100 python tools/explore_prepare.py --json "$OUT/explore_prepare.json"
     echo "prepare: $((SECONDS - start)) s"
     ;;
+  ab)
+    timeout 200 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_cuda_prepare.py tests/test_linear_op.py \
+      tests/test_cpp_backend.py > "$OUT/pytest_gpu.txt" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
+    echo "tests: $((SECONDS - start)) s"
+    timeout $((580 - SECONDS + start)) python tools/explore_ab.py --toggle "$1" --rounds 6 --json "$OUT/ab.json" 2>&1 \
+      | grep -v -i warn | cut -c1-300
+    echo "ab: $((SECONDS - start)) s"
+    ;;
+  points)
+    timeout 60 python tools/explore_point_memory.py once --json "$OUT/once.json" 2>&1 | grep -v -i warn
+    for order in 'frozen peft_lora condlora[cuda]' 'condlora[cuda] peft_lora frozen'; do
+      first=${order%% *}  # the first provider, without brackets (files so named do not come back)
+      # shellcheck disable=SC2086  (the order is a list of provider names)
+      timeout $((580 - SECONDS + start)) python tools/explore_point_memory.py points --mode compile --order $order \
+        --json "$OUT/points_${first//[\[\]]/_}first.json" 2>&1 | grep -v -i warn | grep -E "^(frozen|peft|condlora)"
+    done
+    echo "points: $((SECONDS - start)) s"
+    ;;
   tests)
     timeout $((570 - SECONDS + start)) python -m pytest -q -rfE -n 8 --durations=25 -p no:cacheprovider "$@" \
       > "$OUT/pytest_gpu.txt" 2>&1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
     echo "tests: $((SECONDS - start)) s"
     ;;
-  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|llama|prepare|tests FILE..." >&2; exit 2 ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|llama|prepare|ab TOGGLE|points|tests FILE..." >&2; exit 2 ;;
 esac
