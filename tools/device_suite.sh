@@ -17,7 +17,7 @@
 #   ab TOGGLE  install, the op's GPU tests (the three files of `prepare`), then tools/explore_ab.py with that toggle,
 #           eager and compiled, 6 rounds (nineteenth session: ~100 s of tests, ~300 s of A/B after the install)
 #   points  install, tools/explore_point_memory.py: the bytes first GEMMs keep, then RoBERTa-base's compiled points
-#           in the suite's order and reversed (nineteenth session: ~210 s after the install, eager points included)
+#           in the suite's order and reversed (nineteenth session: ~140 s for both orders after the install)
 #   tests FILE...   install, those GPU tests with 8 workers, the whole output and the 25 slowest kept in $OUT
 #           (the whole tests/ directory needs more than one call: 420 s with 12 workers reached 95%)
 set -o pipefail

@@ -7,9 +7,10 @@ first point that needs them. This tool measures, on one GPU:
 
   once     in a fresh process, the bytes that stay allocated after single calls of the GEMM kinds a training step
            makes (outputs freed): what a point pays if no earlier point made that call;
-  points   RoBERTa-base's points (bf16, the suite's case) measured as the suite measures them, in the order given,
-           in this process: peak above the point's start, steady peak, and the bytes allocated at the step's start
-           above the point's start (the model, its optimizer state, anything kept).
+  points   RoBERTa-base's points (bf16, the suite's case) measured as the suite measured them before it made those
+           allocations first (ModelSuite._warm_libraries), in the order given, in this process: peak above the
+           point's start, steady peak, and the bytes allocated at the step's start above the point's start (the
+           model, its optimizer state, anything kept).
 
     python tools/explore_point_memory.py once
     python tools/explore_point_memory.py points --mode compile --order frozen peft_lora "condlora[cuda]" [--json OUT]
@@ -103,7 +104,8 @@ def main() -> None:
     parser.add_argument("--order", nargs="+", default=["frozen", "peft_lora", "condlora[cuda]"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": importlib.metadata.version("triton")}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": importlib.metadata.version("triton")}
     result.update(once() if args.what == "once" else {"mode": args.mode, "order": args.order,
                                                       "points": points(args.mode, args.order)})
     if args.json:
