@@ -98,6 +98,49 @@ def test_compiled_mode_runs(device, backend, monkeypatch):
     assert len(models) == 2
 
 
+def test_priming_compiles_a_compiled_point_once_before_measuring_it(monkeypatch):
+    """settings.prime_compile: a compiled point's first round builds, compiles and runs the point once and throws
+    it away before building the point it measures (whose compilation then reads the caches the first one filled);
+    its first step is the first compilation's. Eager points and later rounds are built once. Each model is gone
+    before the next one is built, or its memory would count in the next one's peak."""
+    models, first_steps = [], []
+
+    def attach_and_track(*args, **kwargs):
+        assert all(ref() is None for ref in models), "an earlier model is alive as this one starts"
+        model = attach(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def counted_first_step(step, device):
+        step()
+        first_steps.append(len(first_steps) + 1.0)  # the n-th first step of the run "takes" n seconds
+        return first_steps[-1]
+
+    monkeypatch.setattr(bench_model, "attach", attach_and_track)
+    monkeypatch.setattr(bench_model, "timed_first_step", counted_first_step)
+    case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
+    settings = dataclasses.replace(Settings.for_device("cpu", quick=True), model_cases=((case, "fp32"),),
+                                   model_modes=("eager", "compile"), model_rounds=2, model_warmup_steps=2,
+                                   model_steps=2, compile_backend="aot_eager", prime_compile=True)
+    suite = ModelSuite(torch.device("cpu"), settings)
+    plan = suite.plan(["frozen", "condlora[cpu]"])
+    built = []
+    for point in plan:
+        before = len(models)
+        suite.measure(*point)
+        built.append(len(models) - before)
+    modes = [mode for _, _, mode, _ in plan]
+    assert built == [2 if mode == "compile" and i % 4 < 2 else 1 for i, mode in enumerate(modes)], (modes, built)
+    rows = {(row["mode"], row["provider"]): row for row in suite.rows}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    # first steps in the run's order (rounds alternate the providers): eager frozen 1, condlora 2, round two's 3
+    # and 4; compiled frozen's priming 5 and measured 6, condlora's priming 7 and measured 8, round two's 9 and 10
+    assert [rows["eager", p]["first_step_s"] for p in ("frozen", "condlora[cpu]")] == [1.0, 2.0]
+    assert [rows["compile", p]["first_step_s"] for p in ("frozen", "condlora[cpu]")] == [5.0, 7.0]
+    assert len(first_steps) == 10
+    assert all(row["first_compile_peak_mem_bytes"] is None for row in rows.values())  # no CUDA memory to read
+
+
 def test_the_recompute_provider():
     """condlora[<backend>]+recompute: the backend's layers with recompute_weight_cast set on every one."""
     assert condlora_provider("condlora[cuda]+recompute") == ("cuda", True)

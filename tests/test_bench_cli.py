@@ -188,6 +188,15 @@ def test_rounds_option():
         _settings(parse_args(["--rounds", "0"]), torch.device("cpu"))
 
 
+def test_prime_compile_option():
+    """Compiled points are primed on GPU runs (where peaks are measured), not on CPU; the option overrides both."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _settings(parse_args([]), cuda).prime_compile and _settings(parse_args(["--quick"]), cuda).prime_compile
+    assert not _settings(parse_args([]), cpu).prime_compile
+    assert not _settings(parse_args(["--no-prime-compile"]), cuda).prime_compile
+    assert _settings(parse_args(["--prime-compile"]), cpu).prime_compile
+
+
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
 def test_first_step_in_fresh_processes():
     """Cold then warm process per provider with the cache directories set; unavailable providers start none."""

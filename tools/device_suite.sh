@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The suite on one GPU in device calls of at most 10 minutes each, merged into one JSON: `bash tools/device_suite.sh
 # PART`. Call the parts back to back so that the machine stays warm (the install and Inductor's caches are kept).
-# Each suite part merges its points into benchmarks/results/<device>.json and copies it to $OUT; copy it back into
-# the tree before the next call (a call starts from the tree as it is here).
-#   1       install, the eager model level for every provider in 3 alternated rounds (eager steps follow the
-#           host's speed, NOTES tenth session), host time (~100 s with one round in the seventh session)
-#   2a, 2b  the compiled modes for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute, condlora[triton]:
-#           2a RoBERTa-base, 2b the Llama stack (ninth session, cold machine: RoBERTa's 10 points took ~480 s,
-#           40-70 s each; the Llama stack's 10 points ~150 s, after 2a ~7-48 s each)
-#   3       the paper's code compiled (144 s), the first step in fresh processes (219 s)
+# The suite's parts (1, 2, 3) merge their points into $SUITE_DIR/<device>.json (default build/suite, ignored by git:
+# one run's JSON, not merged with earlier sessions') and copy it to $OUT; copy it back into $SUITE_DIR here and
+# carry that folder into the next call (a call starts from the tree as it is here). Compiled points are primed
+# (bench/model.py): each compiles twice, the second time from the caches the first filled.
+#   1       install, the priming's GPU test, the eager model level for every provider in 3 alternated rounds (eager
+#           steps follow the host's speed, NOTES tenth session), host time, the paper's code compiled (eleventh
+#           session without priming: ~220 s for the eager rounds, host time and the paper's code)
+#   2       RoBERTa-base compiled and under CUDA graphs for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute,
+#           condlora[triton] (eleventh session without priming: ~320 s on a warm machine; ninth, cold: ~480 s)
+#   3       the same for the Llama stack (~150 s in the ninth session), then the first step in fresh processes (~220 s)
+#   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
 #           install in the fourteenth session
@@ -25,21 +28,34 @@ export PYTHONUNBUFFERED=1 CONDLORA_CUDA_ARCH=9.0 MAX_JOBS=16 HF_HUB_OFFLINE=1
 start=$SECONDS
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warn | tail -2
 echo "install: $((SECONDS - start)) s"
-bench() {  # bench TIME_LIMIT ARGS...
-  local limit=$1; shift
-  timeout "$limit" python -m condlora_kernels bench --merge --no-plot --output benchmarks/results "$@" 2>&1 \
+suite_dir=${SUITE_DIR:-build/suite}
+bench_into() {  # bench_into FOLDER TIME_LIMIT ARGS...
+  local folder=$1 limit=$2; shift 2
+  timeout "$limit" python -m condlora_kernels bench --merge --no-plot --output "$folder" "$@" 2>&1 \
     | grep -v -i warn | grep -E "^\||Graphs|Not run|fastest|model |first step|Error" | cut -c1-220
-  cp "$(ls -t benchmarks/results/*.json | head -1)" "$OUT/"  # the JSON this run merged into
+  cp "$(ls -t "$folder"/*.json | head -1)" "$OUT/"  # the JSON this run merged into
   echo "elapsed: $((SECONDS - start)) s"
 }
+bench() { bench_into benchmarks/results "$@"; }
+compiled_providers=(frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]")
 part=$1; shift
 case "$part" in
-  1) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
+  1) timeout 120 python -m pytest -q -rfE -p no:cacheprovider benchmarks/test_bench_model.py -k "compiled_mode_runs" \
+       2>&1 | tail -2 | cut -c1-300
+     echo "test: $((SECONDS - start)) s"
+     bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3
+     bench_into "$suite_dir" $((575 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
+       --providers paper_code_condlora --no-first-step ;;
+  2) bench_into "$suite_dir" $((575 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
+       --no-first-step --models roberta-base --providers "${compiled_providers[@]}" ;;
+  3) bench_into "$suite_dir" $((330 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
+       --no-first-step --models llama-4096-2L --providers "${compiled_providers[@]}"
+     bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
+  1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
   2a|2b) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
-       --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" \
-       --providers frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]" ;;
-  3) bench 170 --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
-     bench $((570 - SECONDS + start)) --only first-step ;;
+       --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" --providers "${compiled_providers[@]}" ;;
+  3a) bench 170 --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
+      bench $((570 - SECONDS + start)) --only first-step ;;
   llama)
     timeout $((570 - SECONDS + start)) python -m condlora_kernels bench --only model --no-first-step --no-plot \
       --models llama-4096-2L --model-modes eager compile reduce-overhead --rounds 3 \
@@ -79,5 +95,5 @@ case "$part" in
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
     echo "tests: $((SECONDS - start)) s"
     ;;
-  *) echo "usage: bash tools/device_suite.sh 1|2a|2b|3|llama|prepare|ab TOGGLE|points|tests FILE..." >&2; exit 2 ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2|3|1a|2a|2b|3a|llama|prepare|ab TOGGLE|points|tests FILE..." >&2; exit 2 ;;
 esac

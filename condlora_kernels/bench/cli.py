@@ -69,6 +69,10 @@ def parse_args(argv):
                         help="time the first training step of the first-step case (RoBERTa-base bf16 on GPU) in "
                              "fresh processes with cold and warm caches, per provider (default: on for a full "
                              "GPU run only: two processes per provider, 1-3 minutes in all)")
+    parser.add_argument("--prime-compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile each compiled model point once, untimed, before measuring it, so that its "
+                             "peak memory counts the training step and not the first compilation's autotuning "
+                             "(default: on for GPU runs; the first compilation's figures stay in the JSON)")
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"),
                         help="kernel dtypes (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--shapes", nargs="+", metavar="N,D_IN,D_OUT,R",
@@ -155,6 +159,8 @@ def _settings(args, device: torch.device) -> Settings:
         settings.model_modes = tuple(m for m in MODEL_MODES if m in args.model_modes)
     if args.first_step is not None:
         settings.first_step = args.first_step
+    if args.prime_compile is not None:
+        settings.prime_compile = args.prime_compile
     if args.rounds is not None:
         if args.rounds < 1:
             raise InputError(f"--rounds must be >= 1, got {args.rounds}")

@@ -28,16 +28,26 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
 "bf16" is mixed precision as the HF Trainer's bf16=True runs it (fp32 weights, torch.autocast to bf16);
 "fp32" is plain fp32. Per point, in this order:
 
+    (priming)         compiled modes with settings.prime_compile (GPU runs; `--no-prime-compile` turns it off),
+                      a point's first round only: the point is built, compiled and run for its warm-up steps
+                      once, then thrown away, so that the point measured after it finds Inductor's caches (and
+                      the autotuners') filled, as every run after a machine's first does. Without it a compiled
+                      point's peak includes the first compilation's transient (Inductor timing an autotuned
+                      kernel's configurations in the first backward: ~19 MiB on RoBERTa-base, benchmarks/NOTES.md,
+                      twelfth session), which depends on the cache, not on the adapter
     first_step_s      the first step alone, synchronised: compilation, autotuning and allocation included,
                       in this process, so with whatever the earlier points left in the in-memory and on-disk
-                      caches (first_step.py times it in fresh processes with cold and warm caches)
+                      caches (first_step.py times it in fresh processes with cold and warm caches); of the
+                      priming run where there is one
+    first_compile_peak_mem_bytes  the priming run's peak, measured as peak_mem_bytes is: the first
+                      compilation's, kept so that the cold figure stays in the results
     (warm-up)         settings.model_warmup_steps - 1 more untimed steps (one at least), then the whole
                       point's peak memory is read and the peak reset
     host_mm_us        the host's speed just before the timed steps: host time of one tiny torch.mm on the
                       device (bench/host.py, reference_call_us), for steps bound by the host
     median_ms         the median of settings.model_steps timed steps: CUDA events on GPU, perf_counter on CPU
-    peak_mem_bytes    the peak of CUDA memory over the whole point (first step, compilation included), above
-                      what was allocated before it. The previous point's model is collected first: a compiled
+    peak_mem_bytes    the peak of CUDA memory over the whole measured point (first step, compilation from the
+                      primed caches and CUDA graph recording included), above what was allocated before it. The previous point's model is collected first: a compiled
                       model sits in reference cycles, and freed by the garbage collector in the middle of the
                       next point it lowered that point's figure by whatever it held (benchmarks/NOTES.md,
                       seventh session); and cuBLAS's workspaces are allocated before the first point, so that no
@@ -367,7 +377,7 @@ class ModelSuite:
                "batch": case.batch, "seq": case.seq, "tokens": case.tokens, "mode": mode,
                "precision": precision, "dtype": precision, "dropout": self.dropout, "median_ms": None,
                "examples_per_s": None, "tokens_per_s": None, "peak_mem_bytes": None, "step_peak_mem_bytes": None,
-               "trainable_params": None, "host_mm_us": None,
+               "trainable_params": None, "host_mm_us": None, "first_compile_peak_mem_bytes": None,
                "ratio_to_peft": None, "ratio_to_frozen": None, "first_step_s": None, "point_s": None,
                "graphs_compiled": None, "graph_breaks": None,
                "status": "ok", "reason": "", **self._env,
@@ -390,14 +400,22 @@ class ModelSuite:
             self._cleanup()  # the previous point's model, whose compiled wrapper keeps it in reference cycles
             dynamo_counters.clear()  # what this point compiles: graphs (recompilations included), breaks
             cuda = self.device.type == "cuda"
-            if cuda:  # peak memory of this point: the copy, grads, states, activations
+            if cuda:
                 self._warm_libraries()
+            primed = mode != "eager" and self.settings.prime_compile and self._earlier_round(row) is None
+            if primed:  # the first compilation's step time and peak are its; the measured model starts warm
+                row["first_step_s"], row["first_compile_peak_mem_bytes"] = self._prime_compile_caches(
+                    base, case, precision, mode, provider)
+                dynamo_counters.clear()
+            if cuda:  # peak memory of this point: the copy, grads, states, activations
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
             step, row["trainable_params"] = prepare_point(base, case, precision, mode, provider, self.device,
                                                           self.dropout, self.settings.compile_backend)
-            row["first_step_s"] = timed_first_step(step, self.device)
+            first_step_s = timed_first_step(step, self.device)
+            if not primed:
+                row["first_step_s"] = first_step_s
             self._warm_up(step)
             if cuda:
                 whole_point_peak = torch.cuda.max_memory_allocated(self.device)
@@ -429,6 +447,30 @@ class ModelSuite:
             point = Point([earlier], step=point.step)
         report.fill_model_ratios(self.rows)
         return point
+
+    def _prime_compile_caches(self, base: nn.Module, case: ModelCase, precision: str, mode: str,
+                              provider: str) -> tuple:
+        """Compile the point and run its warm-up steps once, then throw it away: (its first step's wall time, its
+        peak memory above what was allocated before it, None off CUDA). Its first step fills the caches a compiled
+        step reads (Inductor's FX graph and AOTAutograd caches, the best configurations of its autotuned Triton
+        kernels, our autotuner's), so the point measured next counts its training step and not this first
+        compilation: from a cold cache the first backward's peak includes Inductor timing a kernel's configurations
+        while the forward's activations are alive, tens of MiB that a process pays once per graph and a user's
+        later runs not at all (benchmarks/NOTES.md, twelfth and twentieth sessions)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        step, _ = prepare_point(base, case, precision, mode, provider, self.device, self.dropout,
+                                self.settings.compile_backend)
+        first_step_s = timed_first_step(step, self.device)
+        self._warm_up(step)  # the steps after the first can compile again (recompilations, CUDA graph recording)
+        peak = torch.cuda.max_memory_allocated(self.device) - before if cuda else None
+        del step
+        torch._dynamo.reset()
+        self._cleanup()
+        return first_step_s, peak
 
     def _earlier_round(self, row: dict) -> Optional[dict]:
         """The row of this point's earlier rounds (settings.model_rounds), or None for a first round."""

@@ -292,10 +292,13 @@ def model_markdown(rows: list) -> str:
         "times, **lower is better**: *× frozen* over the frozen model's step in the same mode (no adapter, backward "
         "through every layer: 1.00× is the floor); *× PEFT LoRA* over PEFT LoRA's step in the same mode (below "
         "1.00× trains faster than PEFT). *Peak memory*: CUDA memory allocated at the point's peak, above what was "
-        "allocated before it, over the whole point (first step and compilation included); *steady peak*: the same "
-        "over the timed steps only. *first step*: wall time of the point's first step in the benchmark's "
-        "process (compilation and autotuning included, with the caches the earlier points filled; the cold and "
-        "warm figures in fresh processes are in the first-step table). *host mm*: the host time of one tiny "
+        "allocated before it, over the whole point (first step, compilation and CUDA graph recording included; "
+        "a compiled point is measured after an untimed run of the same point filled the compile caches, as on "
+        "every run after a machine's first: `--prime-compile`, the first compilation's peak is the JSON's "
+        "`first_compile_peak_mem_bytes`); *steady peak*: the same over the timed steps only. *first step*: wall "
+        "time of the point's first step in the benchmark's process (compilation and autotuning included, with the "
+        "caches the earlier points filled; the cold and warm figures in fresh processes are in the first-step "
+        "table). *host mm*: the host time of one tiny "
         "`torch.mm` on the device just before the timed steps (`host_mm_us`): a step bound by the host follows it. "
         "With `--rounds`, a point's step time and host mm are the medians over its rounds.",
         lambda r: f"{r['model']} {r['precision']} {r['mode']}", graphs)

@@ -148,6 +148,10 @@ class Settings:
     # compiling per point for nothing new (`--providers condlora[reference]` runs it in every mode)
     eager_only_providers: tuple = ("condlora[reference]",)
     compile_backend: str = "inductor"  # torch.compile's backend in the compiled modes (tests use "aot_eager")
+    # compile each compiled point once and throw it away before measuring it, so that its peak memory counts the
+    # training step and not the first compilation's autotuning (model.py, ModelSuite._prime_compile_caches); on
+    # for GPU runs, where peaks are measured
+    prime_compile: bool = False
     first_step: bool = False  # time the first step in fresh processes, cold and warm caches (first_step.py)
     first_step_case: Optional[tuple] = None  # (ModelCase, precision) it runs on
     first_step_timeout_s: float = 900.0  # per subprocess
@@ -168,9 +172,9 @@ class Settings:
                 return cls(quick=True, warmup_ms=10, rep_ms=30, cudagraph_repeats=1, model_warmup_steps=3,
                            model_steps=5, compile=False, shapes=GPU_QUICK_SHAPES,
                            model_cases=((ROBERTA_BASE, "bf16"),), model_modes=("eager", "reduce-overhead"),
-                           host_repeats=7)
+                           host_repeats=7, prime_compile=True)
             return cls(shapes=GPU_SHAPES, model_cases=((ROBERTA_BASE, "bf16"), (LLAMA_2L, "bf16")),
-                       first_step=True, first_step_case=(ROBERTA_BASE, "bf16"))
+                       first_step=True, first_step_case=(ROBERTA_BASE, "bf16"), prime_compile=True)
         # CPU: fp32 (CPU bf16 matmuls say little), no CUDA graphs, and neither torch.compile at kernel level nor
         # the compiled modes at model level by default: inductor takes tens of seconds per graph to build on a
         # small CPU machine (a 2-layer tiny RoBERTa's training step: ~60 s on 2 cores)
