@@ -5,12 +5,13 @@
 # one run's JSON, not merged with earlier sessions') and copy it to $OUT; copy it back into $SUITE_DIR here and
 # carry that folder into the next call (a call starts from the tree as it is here). Compiled points are primed
 # (bench/model.py): each compiles twice, the second time from the caches the first filled.
-#   1       install, the priming's GPU test, the eager model level for every provider in 3 alternated rounds (eager
+#   1       install, the eager model level for every provider in 3 alternated rounds (eager
 #           steps follow the host's speed, NOTES tenth session), host time, the paper's code compiled (eleventh
 #           session without priming: ~220 s for the eager rounds, host time and the paper's code)
 #   2       RoBERTa-base compiled and under CUDA graphs for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute,
 #           condlora[triton] (eleventh session without priming: ~320 s on a warm machine; ninth, cold: ~480 s)
-#   3       the same for the Llama stack (~150 s in the ninth session), then the first step in fresh processes (~220 s)
+#   3       the priming's GPU test, the same as 2 for the Llama stack (~150 s in the ninth session), then the first
+#           step in fresh processes (~220 s)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
@@ -40,15 +41,16 @@ bench() { bench_into benchmarks/results "$@"; }
 compiled_providers=(frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]")
 part=$1; shift
 case "$part" in
-  1) timeout 120 python -m pytest -q -rfE -p no:cacheprovider benchmarks/test_bench_model.py -k "compiled_mode_runs" \
-       2>&1 | tail -2 | cut -c1-300
-     echo "test: $((SECONDS - start)) s"
-     bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3
+  1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3
      bench_into "$suite_dir" $((575 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
        --providers paper_code_condlora --no-first-step ;;
   2) bench_into "$suite_dir" $((575 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
        --no-first-step --models roberta-base --providers "${compiled_providers[@]}" ;;
-  3) bench_into "$suite_dir" $((330 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
+  3) timeout 120 python -m pytest -q -rfE -p no:cacheprovider benchmarks/test_bench_model.py -k "compiled_mode_runs" \
+       > "$OUT/pytest_priming.txt" 2>&1
+     tail -1 "$OUT/pytest_priming.txt"
+     echo "test: $((SECONDS - start)) s"
+     bench_into "$suite_dir" $((350 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
        --no-first-step --models llama-4096-2L --providers "${compiled_providers[@]}"
      bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
   1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
