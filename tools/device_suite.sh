@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The suite on one GPU in device calls of at most 10 minutes each, merged into one JSON: `bash tools/device_suite.sh
 # PART`. Call the parts back to back so that the machine stays warm (the install and Inductor's caches are kept).
-# The suite's parts (1, 2, 3) merge their points into $SUITE_DIR/<device>.json (default build/suite, ignored by git:
+# The suite's parts (1-4) merge their points into $SUITE_DIR/<device>.json (default build/suite, ignored by git:
 # one run's JSON, not merged with earlier sessions') and copy it to $OUT; copy it back into $SUITE_DIR here and
 # carry that folder into the next call (a call starts from the tree as it is here). Compiled points are primed
 # (bench/model.py): each compiles twice, the second time from the caches the first filled.
@@ -10,8 +10,9 @@
 #           session without priming: ~220 s for the eager rounds, host time and the paper's code)
 #   2       RoBERTa-base compiled and under CUDA graphs for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute,
 #           condlora[triton] (eleventh session without priming: ~320 s on a warm machine; ninth, cold: ~480 s)
-#   3       the priming's GPU test, the same as 2 for the Llama stack (~150 s in the ninth session), then the first
-#           step in fresh processes (~220 s)
+#   3       the priming's GPU test, then the same as 2 for the Llama stack (~150 s in the ninth session without
+#           priming)
+#   4       the first step in fresh processes, cold and warm caches (~220 s)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
@@ -50,9 +51,9 @@ case "$part" in
        > "$OUT/pytest_priming.txt" 2>&1
      tail -1 "$OUT/pytest_priming.txt"
      echo "test: $((SECONDS - start)) s"
-     bench_into "$suite_dir" $((350 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
-       --no-first-step --models llama-4096-2L --providers "${compiled_providers[@]}"
-     bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
+     bench_into "$suite_dir" $((580 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
+       --no-first-step --models llama-4096-2L --providers "${compiled_providers[@]}" ;;
+  4) bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
   1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
   2a|2b) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
        --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" --providers "${compiled_providers[@]}" ;;
@@ -97,5 +98,5 @@ case "$part" in
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
     echo "tests: $((SECONDS - start)) s"
     ;;
-  *) echo "usage: bash tools/device_suite.sh 1|2|3|1a|2a|2b|3a|llama|prepare|ab TOGGLE|points|tests FILE..." >&2; exit 2 ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2|3|4|1a|2a|2b|3a|llama|prepare|ab TOGGLE|points|tests FILE..." >&2; exit 2 ;;
 esac
