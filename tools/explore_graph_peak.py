@@ -1,0 +1,136 @@
+"""Exploration (issue #11): what is alive at a compiled RoBERTa-base point's peak, per provider.
+
+The suite's whole-point peak under CUDA graphs (`reduce-overhead`) was 164,352 bytes above PEFT LoRA's for
+condlora[cuda] in two runs (nineteenth and twentieth sessions), while its steady peak is 6.7 MB below. This tool
+measures a point as the suite does (libraries warmed, the point primed: compiled once and thrown away, then a fresh
+copy's first step and warm-up steps), with the caching allocator's history recorded over the measured part. From
+the trace it rebuilds the allocated bytes event by event, finds the peak, and lists the blocks alive there with
+the Python frames that allocated them (Inductor's generated code included, with its source line), so that two
+providers' peaks can be compared block by block.
+
+    python tools/explore_graph_peak.py --mode reduce-overhead --providers peft_lora "condlora[cuda]" --json OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.metadata
+import json
+import linecache
+import os
+
+import torch
+
+from condlora_kernels.bench import model as bench_model
+from condlora_kernels.bench.shapes import ROBERTA_BASE, Settings
+
+KEEP = ("torchinductor", "condlora", "peft", "transformers", "explore_graph_peak")
+
+
+def short_frames(frames: list, keep: int = 5) -> list:
+    """The innermost frames worth reading: generated code and the libraries', with their source line."""
+    out = []
+    for f in frames:
+        name = f.get("filename", "")
+        if not any(k in name for k in KEEP):
+            continue
+        line = linecache.getline(name, f.get("line", 0)).strip()[:160]
+        out.append(f"{os.path.basename(name)}:{f.get('line')} {f.get('name')} | {line}")
+        if len(out) == keep:
+            break
+    return out
+
+
+def live_at_peak(trace: list) -> tuple:
+    """(peak bytes above the trace's start, index of the event that reached it, the blocks alive there)."""
+    total = peak = 0
+    peak_index = -1
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            total += event["size"]
+        elif event["action"] == "free_requested":  # the allocated-bytes statistic drops when free is called
+            total -= event["size"]
+        if total > peak:
+            peak, peak_index = total, i
+    live = {}
+    for i, event in enumerate(trace[:peak_index + 1]):
+        if event["action"] == "alloc":
+            live[event["addr"]] = (i, event)
+        elif event["action"] == "free_requested":
+            live.pop(event["addr"], None)
+    return peak, peak_index, list(live.values())
+
+
+MARKER_BYTES = 512 * 1013  # a size no step allocates: its allocations mark where each step begins in the trace
+
+
+def mark(k: int) -> None:
+    torch.empty(MARKER_BYTES + 512 * k, dtype=torch.uint8, device="cuda")
+
+
+def phase(index: int, marks: list) -> str:
+    """Which part of the measured point an event belongs to: "model" (the copy and its optimizer), "step N"."""
+    names = ["model"] + [f"step {k}" for k in range(1, len(marks))]
+    return next((names[k] for k in reversed(range(len(marks))) if index > marks[k]), "model")
+
+
+def measure(suite, base, mode: str, provider: str) -> dict:
+    case = ROBERTA_BASE
+    torch._dynamo.reset()
+    suite._cleanup()
+    suite._warm_libraries()
+    first_s, first_peak = suite._prime_compile_caches(base, case, "bf16", mode, provider)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
+    mark(0)
+    step, _ = bench_model.prepare_point(base, case, "bf16", mode, provider, torch.device("cuda"))
+    for k in range(1, 4):  # the suite's first step and warm-up steps
+        mark(k)
+        step()
+    torch.cuda.synchronize()
+    whole = torch.cuda.max_memory_allocated() - before
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    peak, index, live = live_at_peak(trace)
+    marks = [i for i, e in enumerate(trace) if e["action"] == "alloc" and MARKER_BYTES <= e["size"] < MARKER_BYTES + 512 * 8]
+    blocks = [{"size": e["size"], "event": i, "phase": phase(i, marks), "frames": short_frames(e["frames"])}
+              for i, e in live]
+    groups = collections.Counter()
+    for b in blocks:
+        groups[(b["size"], b["phase"], b["frames"][0] if b["frames"] else "?")] += 1
+    print(f"{provider} {mode}: whole-point peak {whole:,} (suite's way), from the trace {peak:,} at event "
+          f"{index} of {len(trace)}; {len(live)} blocks alive, {sum(b['size'] for b in blocks):,} bytes", flush=True)
+    print(f"  peak in {phase(index, marks)} (marks at events {marks})", flush=True)
+    print("  event at the peak:", short_frames(trace[index]["frames"], 8), flush=True)
+    for (size, where, frame), n in sorted(groups.items(), key=lambda kv: -kv[0][0] * kv[1])[:40]:
+        print(f"  {n:4d} x {size:>12,}  {where:7s} {frame[:150]}", flush=True)
+    del step
+    return {"whole_point_peak_bytes": whole, "trace_peak_bytes": peak, "peak_event": index, "events": len(trace),
+            "primed_first_step_s": first_s, "primed_peak_bytes": first_peak,
+            "peak_phase": phase(index, marks), "marks": marks,
+            "peak_event_frames": short_frames(trace[index]["frames"], 12), "live_at_peak": blocks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", default="reduce-overhead")
+    parser.add_argument("--providers", nargs="+", default=["peft_lora", "condlora[cuda]"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    suite = bench_model.ModelSuite(torch.device("cuda"), Settings.for_device("cuda"))
+    base = bench_model.build_model(ROBERTA_BASE, torch.device("cuda"))
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": importlib.metadata.version("triton"), "mode": args.mode, "points": {}}
+    for provider in args.providers:
+        result["points"][provider] = measure(suite, base, args.mode, provider)
+        if args.json:  # after each point: a cut run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
