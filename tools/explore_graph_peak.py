@@ -9,12 +9,16 @@ the Python frames that allocated them (Inductor's generated code included, with 
 providers' peaks can be compared block by block.
 
     python tools/explore_graph_peak.py --mode reduce-overhead --providers peft_lora "condlora[cuda]" --json OUT
+
+With --phases it reads instead the allocator's peak statistic after each phase (forward, backward, optimizer step)
+of the measured point's first four steps: in which phase the whole point's peak is reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import importlib.metadata
 import json
 import linecache
@@ -115,10 +119,53 @@ def measure(suite, base, mode: str, provider: str) -> dict:
             "peak_event_frames": short_frames(trace[index]["frames"], 12), "live_at_peak": blocks}
 
 
+def phases(suite, base, mode: str, provider: str) -> dict:
+    """The allocator's peak statistic per phase (forward, backward, optimizer step) of the measured point's first
+    three steps, above what was allocated before the point: where the whole point's peak is reached."""
+    case, device = ROBERTA_BASE, torch.device("cuda")
+    torch._dynamo.reset()
+    suite._cleanup()
+    suite._warm_libraries()
+    suite._prime_compile_caches(base, case, "bf16", mode, provider)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = bench_model.attach(provider, copy.deepcopy(base), case, 0.0)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batch = bench_model.make_batch(case, model, device)
+    forward = bench_model.compiled(model, mode)
+    out = []
+
+    def phase_done(name):
+        torch.cuda.synchronize()
+        out.append({"phase": name, "peak": torch.cuda.max_memory_allocated() - before,
+                    "allocated_after": torch.cuda.memory_allocated() - before})
+        torch.cuda.reset_peak_memory_stats()
+
+    torch.cuda.reset_peak_memory_stats()
+    for k in range(1, 5):
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(**batch).loss
+        phase_done(f"step {k} forward")
+        loss.backward()
+        phase_done(f"step {k} backward")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phase_done(f"step {k} optimizer")
+    for row in out:
+        print(f"  {provider:16s} {row['phase']:20s} peak {row['peak']:>15,}  allocated after {row['allocated_after']:>15,}",
+              flush=True)
+    return {"phases": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", default="reduce-overhead")
     parser.add_argument("--providers", nargs="+", default=["peft_lora", "condlora[cuda]"])
+    parser.add_argument("--phases", action="store_true",
+                        help="the peak statistic per phase of the first steps instead of the trace")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     suite = bench_model.ModelSuite(torch.device("cuda"), Settings.for_device("cuda"))
@@ -126,7 +173,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": importlib.metadata.version("triton"), "mode": args.mode, "points": {}}
     for provider in args.providers:
-        result["points"][provider] = measure(suite, base, args.mode, provider)
+        result["points"][provider] = (phases if args.phases else measure)(suite, base, args.mode, provider)
         if args.json:  # after each point: a cut run keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(result, f)
