@@ -142,6 +142,29 @@ def phases(suite, base, mode: str, provider: str) -> dict:
                     "allocated_after": torch.cuda.memory_allocated() - before})
         torch.cuda.reset_peak_memory_stats()
 
+    def saved_for_backward(loss) -> list:
+        """What the compiled forward saved for its backward: (shape, dtype, bytes, is a parameter) per tensor."""
+        params = {p.data_ptr() for p in model.parameters()}
+        rows, seen, stack = [], set(), [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if "CompiledFunction" in type(node).__name__:
+                try:
+                    tensors = node.saved_tensors
+                except RuntimeError as exc:  # the tool reports what it could not read rather than stopping
+                    print(f"  saved_tensors of {type(node).__name__}: {exc}", flush=True)
+                    tensors = ()
+                for t in tensors:
+                    if isinstance(t, torch.Tensor):
+                        rows.append({"shape": list(t.shape), "dtype": str(t.dtype),
+                                     "bytes": t.untyped_storage().nbytes(), "param": t.data_ptr() in params})
+            stack.extend(n for n, _ in node.next_functions)
+        return rows
+
+    saved = {}
     torch.cuda.reset_peak_memory_stats()
     for k in range(1, 5):
         if mode == "reduce-overhead":
@@ -149,6 +172,8 @@ def phases(suite, base, mode: str, provider: str) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = forward(**batch).loss
         phase_done(f"step {k} forward")
+        if k == 2:
+            saved = saved_for_backward(loss)
         loss.backward()
         phase_done(f"step {k} backward")
         optimizer.step()
@@ -157,7 +182,12 @@ def phases(suite, base, mode: str, provider: str) -> dict:
     for row in out:
         print(f"  {provider:16s} {row['phase']:20s} peak {row['peak']:>15,}  allocated after {row['allocated_after']:>15,}",
               flush=True)
-    return {"phases": out}
+    counts = collections.Counter((tuple(r["shape"]), r["dtype"], r["bytes"], r["param"]) for r in saved)
+    print(f"  {provider}: {len(saved)} tensors saved for the backward, "
+          f"{sum(r['bytes'] for r in saved if not r['param']):,} bytes not parameters", flush=True)
+    for (shape, dtype, nbytes, param), n in sorted(counts.items(), key=lambda kv: -kv[0][2] * kv[1]):
+        print(f"    {n:3d} x {str(shape):24s} {dtype:15s} {nbytes:>12,} {'param' if param else ''}", flush=True)
+    return {"phases": out, "saved_for_backward": saved}
 
 
 def main() -> None:
