@@ -11,7 +11,8 @@ providers' peaks can be compared block by block.
     python tools/explore_graph_peak.py --mode reduce-overhead --providers peft_lora "condlora[cuda]" --json OUT
 
 With --phases it reads instead the allocator's peak statistic after each phase (forward, backward, optimizer step)
-of the measured point's first four steps: in which phase the whole point's peak is reached.
+of the measured point's first four steps (in which phase the whole point's peak is reached), and lists what the
+second step's compiled forward saved for its backward (shape, dtype, storage bytes, whether it is a parameter).
 """
 
 from __future__ import annotations
