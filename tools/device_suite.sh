@@ -10,9 +10,9 @@
 #           session without priming: ~220 s for the eager rounds, host time and the paper's code)
 #   2       RoBERTa-base compiled and under CUDA graphs for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute,
 #           condlora[triton] (eleventh session without priming: ~320 s on a warm machine; ninth, cold: ~480 s)
-#   3       the priming's GPU test, then the same as 2 for the Llama stack (~150 s in the ninth session without
-#           priming)
-#   4       the first step in fresh processes, cold and warm caches (~220 s)
+#   3       the priming's GPU test, then the same as 2 for the Llama stack (twenty-first session, primed: 251 s with
+#           the install)
+#   4       the first step in fresh processes, cold and warm caches (twenty-first session: 260 s with the install)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the

@@ -80,12 +80,18 @@ def phase(index: int, marks: list) -> str:
     return next((names[k] for k in reversed(range(len(marks))) if index > marks[k]), "model")
 
 
-def measure(suite, base, mode: str, provider: str) -> dict:
-    case = ROBERTA_BASE
+def prime(suite, base, mode: str, provider: str) -> tuple:
+    """What the suite does before it measures a point: a clean slate, the libraries' one-off allocations made, the
+    point compiled once and thrown away. Returns the priming's (first step's seconds, peak bytes)."""
     torch._dynamo.reset()
     suite._cleanup()
     suite._warm_libraries()
-    first_s, first_peak = suite._prime_compile_caches(base, case, "bf16", mode, provider)
+    return suite._prime_compile_caches(base, ROBERTA_BASE, "bf16", mode, provider)
+
+
+def measure(suite, base, mode: str, provider: str) -> dict:
+    case = ROBERTA_BASE
+    first_s, first_peak = prime(suite, base, mode, provider)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -101,7 +107,8 @@ def measure(suite, base, mode: str, provider: str) -> dict:
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snapshot["device_traces"][torch.cuda.current_device()]
     peak, index, live = live_at_peak(trace)
-    marks = [i for i, e in enumerate(trace) if e["action"] == "alloc" and MARKER_BYTES <= e["size"] < MARKER_BYTES + 512 * 8]
+    marks = [i for i, e in enumerate(trace)
+             if e["action"] == "alloc" and MARKER_BYTES <= e["size"] < MARKER_BYTES + 512 * 8]
     blocks = [{"size": e["size"], "event": i, "phase": phase(i, marks), "frames": short_frames(e["frames"])}
               for i, e in live]
     groups = collections.Counter()
@@ -122,12 +129,10 @@ def measure(suite, base, mode: str, provider: str) -> dict:
 
 def phases(suite, base, mode: str, provider: str) -> dict:
     """The allocator's peak statistic per phase (forward, backward, optimizer step) of the measured point's first
-    three steps, above what was allocated before the point: where the whole point's peak is reached."""
+    four steps, above what was allocated before the point: where the whole point's peak is reached. The step is
+    bench_model.training_step's, written out here so that each phase can be read."""
     case, device = ROBERTA_BASE, torch.device("cuda")
-    torch._dynamo.reset()
-    suite._cleanup()
-    suite._warm_libraries()
-    suite._prime_compile_caches(base, case, "bf16", mode, provider)
+    prime(suite, base, mode, provider)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     model = bench_model.attach(provider, copy.deepcopy(base), case, 0.0)
@@ -165,7 +170,7 @@ def phases(suite, base, mode: str, provider: str) -> dict:
             stack.extend(n for n, _ in node.next_functions)
         return rows
 
-    saved = {}
+    saved = []
     torch.cuda.reset_peak_memory_stats()
     for k in range(1, 5):
         if mode == "reduce-overhead":
@@ -181,8 +186,8 @@ def phases(suite, base, mode: str, provider: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         phase_done(f"step {k} optimizer")
     for row in out:
-        print(f"  {provider:16s} {row['phase']:20s} peak {row['peak']:>15,}  allocated after {row['allocated_after']:>15,}",
-              flush=True)
+        print(f"  {provider:16s} {row['phase']:20s} peak {row['peak']:>15,}  "
+              f"allocated after {row['allocated_after']:>15,}", flush=True)
     counts = collections.Counter((tuple(r["shape"]), r["dtype"], r["bytes"], r["param"]) for r in saved)
     print(f"  {provider}: {len(saved)} tensors saved for the backward, "
           f"{sum(r['bytes'] for r in saved if not r['param']):,} bytes not parameters", flush=True)
