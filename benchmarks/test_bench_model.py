@@ -95,6 +95,7 @@ def test_compiled_mode_runs(device, backend, monkeypatch):
         assert row["trainable_params"] > 0, figures  # the frozen floor trains its embedding LayerNorm and head
         if device == "cuda":
             assert 0 < row["step_peak_mem_bytes"] <= row["peak_mem_bytes"], figures
+            assert row["peak_requested_bytes"] > 0 and row["peak_reserved_bytes"] >= 0, row
     assert len(models) == (4 if settings.prime_compile else 2)  # a primed point builds its model twice
 
 

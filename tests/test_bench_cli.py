@@ -307,6 +307,24 @@ def test_targets_of_the_recompute_rows():
     assert f"condlora[cuda]+recompute {required}" not in without
 
 
+def test_a_higher_peak_names_the_requested_and_reserved_bytes():
+    """Where CondLoRA's peak is above PEFT's, the target's figure says how much of it the tensors asked for (the
+    rest is the allocator's block rounding) and how the reserved memory compares; the verdict stays on the peak."""
+    rows = _gpu_model_rows()
+    for row in rows:
+        row.update(peak_requested_bytes=row["peak_mem_bytes"] - 1000, peak_reserved_bytes=row["peak_mem_bytes"])
+        if row["provider"] == "condlora[cuda]" and (row["model"], row["mode"]) == ("roberta-base", "compile"):
+            row.update(peak_mem_bytes=1024 ** 3 + 4096, peak_requested_bytes=1024 ** 3 - 5000,
+                       peak_reserved_bytes=1024 ** 3 - 2 * 1024 ** 2)
+    results = _results(model=rows)
+    met = {target: (measured, m) for target, measured, m in report.targets(results)}
+    measured, ok = met["roberta-base compile: condlora[cuda] (auto) faster than PEFT LoRA, peak memory not higher"]
+    assert ok is False
+    assert "(+4,096 bytes; requested by the tensors: -4,000 bytes; reserved: -2,097,152 bytes)" in measured
+    measured, ok = met["roberta-base eager: condlora[cuda] (auto) faster than PEFT LoRA, peak memory not higher"]
+    assert ok is True and "requested" not in measured
+
+
 def test_old_results_still_read():
     """Schema 1 (eager model rows with examples/s over PEFT's) reads as eager rows with time ratios."""
     results = report.read_json(str(H100_RESULT))

@@ -13,6 +13,9 @@ providers' peaks can be compared block by block.
 With --phases it reads instead the allocator's peak statistic after each phase (forward, backward, optimizer step)
 of the measured point's first four steps (in which phase the whole point's peak is reached), and lists what the
 second step's compiled forward saved for its backward (shape, dtype, storage bytes, whether it is a parameter).
+With --phases --alive it also lists every block the allocator holds after that forward, read from its snapshot
+(not rebuilt from the trace, which missed 12-18 MB): size, memory pool, stream and the innermost frames that
+allocated it, grouped, so that two providers' live memory can be diffed group by group.
 """
 
 from __future__ import annotations
@@ -127,7 +130,25 @@ def measure(suite, base, mode: str, provider: str) -> dict:
             "peak_event_frames": short_frames(trace[index]["frames"], 12), "live_at_peak": blocks}
 
 
-def phases(suite, base, mode: str, provider: str) -> dict:
+def alive_blocks() -> list:
+    """Every allocated block the caching allocator holds now, grouped by (size, pool, stream, innermost frames):
+    count and bytes per group, largest first. Blocks allocated before the history was recorded have no frames."""
+    groups = collections.Counter()
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        pool = str(segment.get("segment_pool_id", "?"))
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = tuple(f"{os.path.basename(f.get('filename', ''))}:{f.get('line')} {f.get('name')} | "
+                           f"{linecache.getline(f.get('filename', ''), f.get('line', 0)).strip()[:120]}"
+                           for f in block.get("frames", [])[:4])
+            groups[(block["size"], pool, segment["stream"], frames)] += 1
+    rows = [{"size": size, "pool": pool, "stream": stream, "frames": list(frames), "count": n, "bytes": size * n}
+            for (size, pool, stream, frames), n in groups.items()]
+    return sorted(rows, key=lambda r: -r["bytes"])
+
+
+def phases(suite, base, mode: str, provider: str, alive: bool = False) -> dict:
     """The allocator's peak statistic per phase (forward, backward, optimizer step) of the measured point's first
     four steps, above what was allocated before the point: where the whole point's peak is reached. The step is
     bench_model.training_step's, written out here so that each phase can be read."""
@@ -170,7 +191,9 @@ def phases(suite, base, mode: str, provider: str) -> dict:
             stack.extend(n for n, _ in node.next_functions)
         return rows
 
-    saved = []
+    saved, live = [], []
+    if alive:
+        torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
     torch.cuda.reset_peak_memory_stats()
     for k in range(1, 5):
         if mode == "reduce-overhead":
@@ -180,6 +203,14 @@ def phases(suite, base, mode: str, provider: str) -> dict:
         phase_done(f"step {k} forward")
         if k == 2:
             saved = saved_for_backward(loss)
+            if alive:
+                live = alive_blocks()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                print(f"  {provider}: {sum(r['bytes'] for r in live):,} bytes in {sum(r['count'] for r in live)} "
+                      f"blocks alive after step 2's forward (allocated: {torch.cuda.memory_allocated():,})",
+                      flush=True)
+                for r in live[:25]:
+                    print(f"    {r['count']:4d} x {r['size']:>12,} pool {r['pool']:10s} {r['frames'][:1]}", flush=True)
         loss.backward()
         phase_done(f"step {k} backward")
         optimizer.step()
@@ -193,7 +224,7 @@ def phases(suite, base, mode: str, provider: str) -> dict:
           f"{sum(r['bytes'] for r in saved if not r['param']):,} bytes not parameters", flush=True)
     for (shape, dtype, nbytes, param), n in sorted(counts.items(), key=lambda kv: -kv[0][2] * kv[1]):
         print(f"    {n:3d} x {str(shape):24s} {dtype:15s} {nbytes:>12,} {'param' if param else ''}", flush=True)
-    return {"phases": out, "saved_for_backward": saved}
+    return {"phases": out, "saved_for_backward": saved, "alive_after_step2_forward": live}
 
 
 def main() -> None:
@@ -202,6 +233,8 @@ def main() -> None:
     parser.add_argument("--providers", nargs="+", default=["peft_lora", "condlora[cuda]"])
     parser.add_argument("--phases", action="store_true",
                         help="the peak statistic per phase of the first steps instead of the trace")
+    parser.add_argument("--alive", action="store_true",
+                        help="with --phases: the allocator's live blocks after the recorded forward, grouped")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     suite = bench_model.ModelSuite(torch.device("cuda"), Settings.for_device("cuda"))
@@ -209,7 +242,10 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": importlib.metadata.version("triton"), "mode": args.mode, "points": {}}
     for provider in args.providers:
-        result["points"][provider] = (phases if args.phases else measure)(suite, base, args.mode, provider)
+        if args.phases:
+            result["points"][provider] = phases(suite, base, args.mode, provider, alive=args.alive)
+        else:
+            result["points"][provider] = measure(suite, base, args.mode, provider)
         if args.json:  # after each point: a cut run keeps what it measured
             with open(args.json, "w") as f:
                 json.dump(result, f)

@@ -53,6 +53,12 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
                       seventh session); and cuBLAS's workspaces are allocated before the first point, so that no
                       point is charged with what the process allocates once (nineteenth session)
     step_peak_mem_bytes  the same peak over the timed steps only: the steady state, what bounds the batch size
+    peak_requested_bytes  the whole point's peak of the bytes the tensors asked for, before the allocator
+                      rounds each request up to the block it hands out (the blocks are what peak_mem_bytes
+                      counts; a block that cannot be split is handed out whole, up to 1 MiB more than asked,
+                      benchmarks/NOTES.md, twenty-second session)
+    peak_reserved_bytes  the whole point's peak of the memory the caching allocator holds from CUDA (what an
+                      out-of-memory error is about), above what it held before the point
     round_ms          with settings.model_rounds = R > 1, each model and mode's providers are measured R times,
     round_host_mm_us  in turn (frozen, PEFT, ..., then again), each time as above; the point's row keeps every
                       round's median step time and host_mm_us, and reports their medians (median_ms, host_mm_us),
@@ -319,9 +325,15 @@ def _fold_round(row: dict, later: dict, case: ModelCase) -> None:
     row.update(median_ms=ms, examples_per_s=case.batch / (ms * 1e-3), tokens_per_s=case.tokens / (ms * 1e-3))
     if all(v is not None for v in row["round_host_mm_us"]):
         row["host_mm_us"] = statistics.median(row["round_host_mm_us"])
-    for name in ("peak_mem_bytes", "step_peak_mem_bytes"):
-        if later[name] is not None:
+    for name in ("peak_mem_bytes", "step_peak_mem_bytes", "peak_requested_bytes", "peak_reserved_bytes"):
+        if later.get(name) is not None and row.get(name) is not None:
             row[name] = max(row[name], later[name])
+
+
+def _requested_and_reserved(device: torch.device, which: str) -> tuple:
+    """The caching allocator's requested and reserved bytes, "current" or "peak" (since the last reset)."""
+    stats = torch.cuda.memory_stats(device)
+    return stats[f"requested_bytes.all.{which}"], stats[f"reserved_bytes.all.{which}"]
 
 
 @dataclass
@@ -377,7 +389,7 @@ class ModelSuite:
                "batch": case.batch, "seq": case.seq, "tokens": case.tokens, "mode": mode,
                "precision": precision, "dtype": precision, "dropout": self.dropout, "median_ms": None,
                "examples_per_s": None, "tokens_per_s": None, "peak_mem_bytes": None, "step_peak_mem_bytes": None,
-               "trainable_params": None, "host_mm_us": None, "first_compile_peak_mem_bytes": None,
+               "peak_requested_bytes": None, "peak_reserved_bytes": None, "trainable_params": None, "host_mm_us": None, "first_compile_peak_mem_bytes": None,
                "ratio_to_peft": None, "ratio_to_frozen": None, "first_step_s": None, "point_s": None,
                "graphs_compiled": None, "graph_breaks": None,
                "status": "ok", "reason": "", **self._env,
@@ -411,6 +423,7 @@ class ModelSuite:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 before = torch.cuda.memory_allocated(self.device)
+                requested_before, reserved_before = _requested_and_reserved(self.device, "current")
             step, row["trainable_params"] = prepare_point(base, case, precision, mode, provider, self.device,
                                                           self.dropout, self.settings.compile_backend)
             first_step_s = timed_first_step(step, self.device)
@@ -419,13 +432,17 @@ class ModelSuite:
             self._warm_up(step)
             if cuda:
                 whole_point_peak = torch.cuda.max_memory_allocated(self.device)
+                requested_peak, reserved_peak = _requested_and_reserved(self.device, "peak")
                 torch.cuda.reset_peak_memory_stats(self.device)
             row["host_mm_us"] = host.reference_call_us(self.device)
             ms = self._median_step_ms(step)
             if cuda:
                 step_peak = torch.cuda.max_memory_allocated(self.device)
+                steady_requested, steady_reserved = _requested_and_reserved(self.device, "peak")
                 row.update(peak_mem_bytes=max(whole_point_peak, step_peak) - before,
-                           step_peak_mem_bytes=step_peak - before)
+                           step_peak_mem_bytes=step_peak - before,
+                           peak_requested_bytes=max(requested_peak, steady_requested) - requested_before,
+                           peak_reserved_bytes=max(reserved_peak, steady_reserved) - reserved_before)
             if mode != "eager":
                 row.update(graphs_compiled=dynamo_counters["stats"]["unique_graphs"],
                            graph_breaks=sum(dynamo_counters["graph_break"].values()))

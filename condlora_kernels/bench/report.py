@@ -407,7 +407,16 @@ def _vs_peft(label: str, ours: Optional[dict], peft: Optional[dict]) -> tuple:
         return label, measured + ", peak memory not measured", (None if faster else False)
     # in MiB with a decimal: the two peaks can differ by a few MiB in 5 GiB
     measured += f", peak {ours['peak_mem_bytes'] / MiB:.1f} vs {peft['peak_mem_bytes'] / MiB:.1f} MiB"
+    if ours["peak_mem_bytes"] > peft["peak_mem_bytes"]:  # how much of the excess is the allocator's block rounding
+        measured += (f" (+{ours['peak_mem_bytes'] - peft['peak_mem_bytes']:,} bytes; requested by the tensors: "
+                     + _signed_bytes(ours.get("peak_requested_bytes"), peft.get("peak_requested_bytes"))
+                     + "; reserved: " + _signed_bytes(ours.get("peak_reserved_bytes"), peft.get("peak_reserved_bytes"))
+                     + ")")
     return label, measured, faster and ours["peak_mem_bytes"] <= peft["peak_mem_bytes"]
+
+
+def _signed_bytes(ours: Optional[int], peft: Optional[int]) -> str:
+    return "not measured" if ours is None or peft is None else f"{ours - peft:+,} bytes"
 
 
 def _host_targets(rows: list) -> list:
