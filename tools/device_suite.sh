@@ -8,10 +8,13 @@
 #   1       install, the eager model level for every provider in 3 alternated rounds (eager
 #           steps follow the host's speed, NOTES tenth session), host time, the paper's code compiled (eleventh
 #           session without priming: ~220 s for the eager rounds, host time and the paper's code)
-#   2       RoBERTa-base compiled and under CUDA graphs for frozen, PEFT LoRA, condlora[cuda], condlora[cuda]+recompute,
-#           condlora[triton] (eleventh session without priming: ~320 s on a warm machine; ninth, cold: ~480 s)
-#   3       the priming's GPU test, then the same as 2 for the Llama stack (twenty-first session, primed: 251 s with
-#           the install)
+#   2       RoBERTa-base compiled and under CUDA graphs: frozen, PEFT LoRA and condlora[cuda] (the required target's
+#           providers) in 3 alternated rounds, a compiled step on these hosts being bound by the host too (NOTES,
+#           twenty-second session), then condlora[cuda]+recompute in one round (twenty-first session, the five
+#           providers in one round, primed: 444 s; estimated with the rounds: ~470 s, not yet run)
+#   3       the priming's GPU test, then the same as 2 for the Llama stack with condlora[triton] in one round, then
+#           condlora[triton] on RoBERTa-base compiled in one round (twenty-first session, five Llama providers in
+#           one round: 251 s with the install; estimated with the rounds: ~470 s, not yet run)
 #   4       the first step in fresh processes, cold and warm caches (twenty-first session: 260 s with the install)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
@@ -40,19 +43,27 @@ bench_into() {  # bench_into FOLDER TIME_LIMIT ARGS...
 }
 bench() { bench_into benchmarks/results "$@"; }
 compiled_providers=(frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]")
+required_providers=(frozen peft_lora "condlora[cuda]")  # the required target's, in 3 rounds in parts 2 and 3
+compiled=(--only model --model-modes compile reduce-overhead --no-first-step)
 part=$1; shift
 case "$part" in
   1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3
      bench_into "$suite_dir" $((575 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
        --providers paper_code_condlora --no-first-step ;;
-  2) bench_into "$suite_dir" $((575 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
-       --no-first-step --models roberta-base --providers "${compiled_providers[@]}" ;;
+  2) bench_into "$suite_dir" $((480 - SECONDS + start)) "${compiled[@]}" --models roberta-base --rounds 3 \
+       --providers "${required_providers[@]}"
+     bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base \
+       --providers "condlora[cuda]+recompute" ;;
   3) timeout 120 python -m pytest -q -rfE -p no:cacheprovider benchmarks/test_bench_model.py -k "compiled_mode_runs" \
        > "$OUT/pytest_priming.txt" 2>&1
      tail -1 "$OUT/pytest_priming.txt"
      echo "test: $((SECONDS - start)) s"
-     bench_into "$suite_dir" $((580 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
-       --no-first-step --models llama-4096-2L --providers "${compiled_providers[@]}" ;;
+     bench_into "$suite_dir" $((360 - SECONDS + start)) "${compiled[@]}" --models llama-4096-2L --rounds 3 \
+       --providers "${required_providers[@]}"
+     bench_into "$suite_dir" $((450 - SECONDS + start)) "${compiled[@]}" --models llama-4096-2L \
+       --providers "condlora[cuda]+recompute" "condlora[triton]"
+     bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base \
+       --providers "condlora[triton]" ;;
   4) bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
   1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
   2a|2b) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
