@@ -44,12 +44,11 @@ bench_into() {  # bench_into FOLDER TIME_LIMIT ARGS...
 bench() { bench_into benchmarks/results "$@"; }
 compiled_providers=(frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]")
 required_providers=(frozen peft_lora "condlora[cuda]")  # the required target's, in 3 rounds in parts 2 and 3
-compiled=(--only model --model-modes compile reduce-overhead --no-first-step)
+compiled=(--only model --model-modes compile reduce-overhead --no-first-step)  # the compiled model level's options
 part=$1; shift
 case "$part" in
   1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3
-     bench_into "$suite_dir" $((575 - SECONDS + start)) --only model --model-modes compile reduce-overhead \
-       --providers paper_code_condlora --no-first-step ;;
+     bench_into "$suite_dir" $((575 - SECONDS + start)) "${compiled[@]}" --providers paper_code_condlora ;;
   2) bench_into "$suite_dir" $((480 - SECONDS + start)) "${compiled[@]}" --models roberta-base --rounds 3 \
        --providers "${required_providers[@]}"
      bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base \
@@ -66,9 +65,9 @@ case "$part" in
        --providers "condlora[triton]" ;;
   4) bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
   1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
-  2a|2b) bench $((570 - SECONDS + start)) --only model --model-modes compile reduce-overhead --no-first-step \
+  2a|2b) bench $((570 - SECONDS + start)) "${compiled[@]}" \
        --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" --providers "${compiled_providers[@]}" ;;
-  3a) bench 170 --only model --model-modes compile reduce-overhead --providers paper_code_condlora --no-first-step
+  3a) bench 170 "${compiled[@]}" --providers paper_code_condlora
       bench $((570 - SECONDS + start)) --only first-step ;;
   llama)
     timeout $((570 - SECONDS + start)) python -m condlora_kernels bench --only model --no-first-step --no-plot \

@@ -36,12 +36,13 @@ from condlora_kernels.bench.shapes import ROBERTA_BASE, Settings
 KEEP = ("torchinductor", "condlora", "peft", "transformers", "explore_graph_peak")
 
 
-def short_frames(frames: list, keep: int = 5) -> list:
-    """The innermost frames worth reading: generated code and the libraries', with their source line."""
+def short_frames(frames: list, keep: int = 5, libraries_only: bool = True) -> list:
+    """The innermost frames worth reading, with their source line: generated code and the libraries' (all frames
+    with libraries_only=False)."""
     out = []
     for f in frames:
         name = f.get("filename", "")
-        if not any(k in name for k in KEEP):
+        if libraries_only and not any(k in name for k in KEEP):
             continue
         line = linecache.getline(name, f.get("line", 0)).strip()[:160]
         out.append(f"{os.path.basename(name)}:{f.get('line')} {f.get('name')} | {line}")
@@ -139,9 +140,7 @@ def alive_blocks() -> list:
         for block in segment["blocks"]:
             if block["state"] != "active_allocated":
                 continue
-            frames = tuple(f"{os.path.basename(f.get('filename', ''))}:{f.get('line')} {f.get('name')} | "
-                           f"{linecache.getline(f.get('filename', ''), f.get('line', 0)).strip()[:120]}"
-                           for f in block.get("frames", [])[:4])
+            frames = tuple(short_frames(block.get("frames", []), keep=4, libraries_only=False))
             groups[(block["size"], pool, segment["stream"], frames)] += 1
     rows = [{"size": size, "pool": pool, "stream": stream, "frames": list(frames), "count": n, "bytes": size * n}
             for (size, pool, stream, frames), n in groups.items()]

@@ -330,10 +330,11 @@ def _fold_round(row: dict, later: dict, case: ModelCase) -> None:
             row[name] = max(row[name], later[name])
 
 
-def _requested_and_reserved(device: torch.device, which: str) -> tuple:
-    """The caching allocator's requested and reserved bytes, "current" or "peak" (since the last reset)."""
+def _allocator_bytes(device: torch.device, which: str) -> tuple:
+    """The caching allocator's (allocated, requested, reserved) bytes, "current" or "peak" (since the last reset):
+    allocated counts the blocks it hands out (torch.cuda.memory_allocated and max_memory_allocated read the same)."""
     stats = torch.cuda.memory_stats(device)
-    return stats[f"requested_bytes.all.{which}"], stats[f"reserved_bytes.all.{which}"]
+    return tuple(stats[f"{kind}_bytes.all.{which}"] for kind in ("allocated", "requested", "reserved"))
 
 
 @dataclass
@@ -423,8 +424,7 @@ class ModelSuite:
             if cuda:  # peak memory of this point: the copy, grads, states, activations
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
-                before = torch.cuda.memory_allocated(self.device)
-                requested_before, reserved_before = _requested_and_reserved(self.device, "current")
+                before = _allocator_bytes(self.device, "current")
             step, row["trainable_params"] = prepare_point(base, case, precision, mode, provider, self.device,
                                                           self.dropout, self.settings.compile_backend)
             first_step_s = timed_first_step(step, self.device)
@@ -432,18 +432,16 @@ class ModelSuite:
                 row["first_step_s"] = first_step_s
             self._warm_up(step)
             if cuda:
-                whole_point_peak = torch.cuda.max_memory_allocated(self.device)
-                requested_peak, reserved_peak = _requested_and_reserved(self.device, "peak")
+                whole_point_peaks = _allocator_bytes(self.device, "peak")
                 torch.cuda.reset_peak_memory_stats(self.device)
             row["host_mm_us"] = host.reference_call_us(self.device)
             ms = self._median_step_ms(step)
             if cuda:
-                step_peak = torch.cuda.max_memory_allocated(self.device)
-                steady_requested, steady_reserved = _requested_and_reserved(self.device, "peak")
-                row.update(peak_mem_bytes=max(whole_point_peak, step_peak) - before,
-                           step_peak_mem_bytes=step_peak - before,
-                           peak_requested_bytes=max(requested_peak, steady_requested) - requested_before,
-                           peak_reserved_bytes=max(reserved_peak, steady_reserved) - reserved_before)
+                step_peaks = _allocator_bytes(self.device, "peak")
+                allocated, requested, reserved = (max(whole, steady) - start for whole, steady, start
+                                                  in zip(whole_point_peaks, step_peaks, before))
+                row.update(peak_mem_bytes=allocated, step_peak_mem_bytes=step_peaks[0] - before[0],
+                           peak_requested_bytes=requested, peak_reserved_bytes=reserved)
             if mode != "eager":
                 row.update(graphs_compiled=dynamo_counters["stats"]["unique_graphs"],
                            graph_breaks=sum(dynamo_counters["graph_break"].values()))
