@@ -36,9 +36,15 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def check_recompute_weight_cast(value) -> bool:
+def check_recompute_weight_cast(value, auto_allowed: bool = False):
+    """A bool; also "auto" where a layer resolves it per call (FusedCondLoRALinear, docs/design.md §4)."""
+    if auto_allowed and isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"recompute_weight_cast must be True, False or 'auto', got {value!r}")
+        return value
     if not isinstance(value, bool):
-        raise TypeError(f"recompute_weight_cast must be a bool, got {value!r} of type {type(value).__name__}")
+        expected = "True, False or 'auto'" if auto_allowed else "a bool"
+        raise TypeError(f"recompute_weight_cast must be {expected}, got {value!r} of type {type(value).__name__}")
     return value
 
 

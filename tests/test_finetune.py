@@ -115,9 +115,11 @@ def test_method_option_runs_one_method(model_dir, two_class_csv, tmp_path, metho
     assert results[method]["steps"] == 2 * math.ceil(results["data"]["train_examples"] / 4)
 
 
-def test_recompute_weight_cast_option(model_dir, two_class_csv, tmp_path, monkeypatch):
-    """--recompute-weight-cast reaches every CondLoRA layer (on the CPU in float32 it changes nothing) and
-    results.json records it."""
+@pytest.mark.parametrize("flags,setting", [((), "auto"), (("--recompute-weight-cast",), True),
+                                           (("--recompute-weight-cast", "off"), False)])
+def test_recompute_weight_cast_option(model_dir, two_class_csv, tmp_path, monkeypatch, flags, setting):
+    """--recompute-weight-cast [auto|on|off] reaches every CondLoRA layer (on the CPU in float32 it changes nothing)
+    and results.json records it; the flag alone means on, no flag auto."""
     from condlora_kernels.finetune import train
 
     layers_seen = []
@@ -130,9 +132,10 @@ def test_recompute_weight_cast_option(model_dir, two_class_csv, tmp_path, monkey
 
     monkeypatch.setattr(train, "add_adapter", recording)
     out = tmp_path / "out"
-    assert run_finetune(model_dir, two_class_csv, out, "--method", "condlora", "--recompute-weight-cast") == 0
-    assert layers_seen and all(layer.recompute_weight_cast for layer in layers_seen)
-    assert json.loads((out / "results.json").read_text())["settings"]["recompute_weight_cast"] is True
+    assert run_finetune(model_dir, two_class_csv, out, "--method", "condlora", *flags) == 0
+    assert layers_seen and all(layer.recompute_weight_cast == setting and type(layer.recompute_weight_cast)
+                               is type(setting) for layer in layers_seen)
+    assert json.loads((out / "results.json").read_text())["settings"]["recompute_weight_cast"] == setting
 
 
 def test_method_option_rejects_unknown(capsys):

@@ -4,6 +4,7 @@ default on every backend (dropout included), compiled too; the master, not a cop
 GPU, the memory held between forward and backward is smaller by the rounded copy."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -208,20 +209,121 @@ def test_model_setting_and_argument_checks():
     with pytest.raises(ValueError, match="no CondLoRA layers"):
         set_recompute_weight_cast(copy.deepcopy(model))
     apply_condlora(model, ["first", "second"], r=2)
+    assert all(layer.recompute_weight_cast == "auto" for layer in condlora_layers(model).values())  # the default
+    assert "recompute_weight_cast" not in repr(model)  # "auto" is not shown
     assert set_recompute_weight_cast(model) is model
-    assert all(layer.recompute_weight_cast for layer in condlora_layers(model).values())
+    assert all(layer.recompute_weight_cast is True for layer in condlora_layers(model).values())
     assert "recompute_weight_cast=True" in repr(model)
     set_recompute_weight_cast(model, False)
-    assert not any(layer.recompute_weight_cast for layer in condlora_layers(model).values())
+    assert all(layer.recompute_weight_cast is False for layer in condlora_layers(model).values())
+    assert "recompute_weight_cast=False" in repr(model)
+    set_recompute_weight_cast(model, "auto")
+    assert all(layer.recompute_weight_cast == "auto" for layer in condlora_layers(model).values())
     assert "recompute_weight_cast" not in repr(model.condlora_config)  # how the model runs, not what it is
-    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool, got 1 of type int"):
+    with pytest.raises(TypeError, match="recompute_weight_cast must be True, False or 'auto', got 1 of type int"):
         set_recompute_weight_cast(model, 1)
-    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool"):
+    with pytest.raises(ValueError, match="recompute_weight_cast must be True, False or 'auto', got 'yes'"):
+        set_recompute_weight_cast(model, "yes")
+    with pytest.raises(ValueError, match="recompute_weight_cast must be True, False or 'auto'"):
         FusedCondLoRALinear(8, 8, recompute_weight_cast="yes")
+    assert all(layer.recompute_weight_cast == "auto" for layer in condlora_layers(model).values())  # unchanged
     layer = condlora_layers(model)["first"]
-    with pytest.raises(TypeError, match="recompute_weight_cast must be a bool, got 1 of type int"):
-        condlora_linear(torch.randn(2, 8), layer.weight, layer.bias, layer.generator.theta_a,
-                        layer.generator.theta_b, 1.0, recompute_weight_cast=1)
+    for bad in (1, "auto"):  # the op takes what the layer resolved: a bool
+        with pytest.raises(TypeError, match=f"recompute_weight_cast must be a bool, got {bad!r}"):
+            condlora_linear(torch.randn(2, 8), layer.weight, layer.bias, layer.generator.theta_a,
+                            layer.generator.theta_b, 1.0, recompute_weight_cast=bad)
+
+
+class Block(torch.nn.Module):
+    """Attention-like projections and a wider FFN: 4 * 16² + 2 * 16 * 48 = 2560 weight elements, 512 of them in
+    query and value."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.query, self.key, self.value, self.out = (torch.nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = torch.nn.Linear(d, 3 * d), torch.nn.Linear(3 * d, d)
+
+    def forward(self, x):
+        h = self.out(self.query(x) * self.key(x) + self.value(x))
+        return self.down(torch.relu(self.up(h)))
+
+
+class TwoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Block(), Block()
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_auto_weighs_the_pass_by_the_adapted_share_and_the_tokens():
+    """apply_condlora gives each layer the share of the model's linear-layer weights that CondLoRA layers hold
+    (later calls update the earlier layers); "auto" recomputes from share * RECAST_COST_TOKENS / RECAST_BUDGET
+    tokens per call on, a layer on its own being a share of 1."""
+    from condlora_kernels.integrations.model import adapted_weight_share
+    from condlora_kernels.modules.linear import RECAST_BUDGET, RECAST_COST_TOKENS
+
+    model = TwoBlocks()
+    assert adapted_weight_share(model) == 1.0  # no CondLoRA layer: nothing to weigh
+    apply_condlora(model, ["query", "value"], r=2)
+    assert adapted_weight_share(model) == pytest.approx(512 / 2560)
+    layers = condlora_layers(model)
+    assert len(layers) == 4 and all(layer.adapted_weight_share == pytest.approx(0.2) for layer in layers.values())
+    apply_condlora(model, ["up"], r=2)
+    share = (512 + 768) / 2560
+    assert all(layer.adapted_weight_share == pytest.approx(share) for layer in condlora_layers(model).values())
+    layer = condlora_layers(model)["first.query"]
+    first = math.ceil(share * RECAST_COST_TOKENS / RECAST_BUDGET)  # tokens from which it recomputes
+    for tokens, recomputes in ((first - 1, False), (first, True), (3 * first, True)):
+        x = torch.empty(tokens, 16, device="meta")
+        assert layer.recomputes_weight_cast(x) is recomputes, tokens
+        assert layer.recomputes_weight_cast(x.view(1, tokens, 16)) is recomputes  # tokens, whatever the batch shape
+    for setting in (True, False):
+        layer.recompute_weight_cast = setting
+        assert layer.recomputes_weight_cast(torch.empty(first - 1, 16, device="meta")) is setting
+        assert layer.recomputes_weight_cast(torch.empty(first, 16, device="meta")) is setting
+    alone = FusedCondLoRALinear(16, 16, r=2)
+    assert alone.adapted_weight_share == 1.0
+    alone_first = math.ceil(RECAST_COST_TOKENS / RECAST_BUDGET)
+    assert not alone.recomputes_weight_cast(torch.empty(alone_first - 1, 16, device="meta"))
+    assert alone.recomputes_weight_cast(torch.empty(alone_first, 16, device="meta"))
+    for bad in (0.0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="share must be a real number in"):
+            alone.set_adapted_weight_share(bad)
+
+
+def test_adapted_weight_share_counts_transformers_conv1d():
+    """GPT-2's Conv1D is a linear layer too (its weight is (in, out)): it counts in the share's total."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    model = torch.nn.ModuleDict({"query": torch.nn.Linear(8, 8), "c_attn": conv1d(24, 8)})  # 64 and 192 elements
+    apply_condlora(model, ["query"], r=2)
+    assert condlora_layers(model)["query"].adapted_weight_share == pytest.approx(64 / 256)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_auto_saves_the_master_from_its_first_token_count(device, backend):
+    """End to end: under autocast with float32 weights, the default ("auto") saves the rounding below the token
+    count from which it recomputes and the master from it on, with the same results bit for bit."""
+    model = TwoBlocks().to(device)
+    apply_condlora(model, ["query", "value"], r=2, backend=backend)
+    layer = condlora_layers(model)["second.value"]
+    torch.nn.init.normal_(layer.generator.theta_b, std=0.1)
+    first = layer._recast_min_tokens
+    for tokens, kept_dtype in ((first - 1, torch.bfloat16), (first, torch.float32)):
+        x = torch.randn(tokens, 16, device=device, requires_grad=True)
+        y, saved = saved_tensors(layer, x)
+        kept = [t for t in saved if tuple(t.shape) == (16, 16)]
+        assert [t.dtype for t in kept] == [kept_dtype], tokens
+        y.backward(torch.ones_like(y))
+    x = torch.randn(first - 1, 16, device=device)
+    set_recompute_weight_cast(model, True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        forced = layer(x)
+    set_recompute_weight_cast(model, False)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        kept_rounding = layer(x)
+    assert torch.equal(forced, kept_rounding)
 
 
 def test_the_backward_rounding_op_passes_opcheck():

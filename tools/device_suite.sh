@@ -10,12 +10,13 @@
 #           session without priming: ~220 s for the eager rounds, host time and the paper's code)
 #   2       RoBERTa-base compiled and under CUDA graphs: frozen, PEFT LoRA and condlora[cuda] (the required target's
 #           providers) in 3 alternated rounds, a compiled step on these hosts being bound by the host too (NOTES,
-#           twenty-second session), then condlora[cuda]+recompute in one round (twenty-first session, the five
-#           providers in one round, primed: 444 s; estimated with the rounds: ~470 s, not yet run)
+#           twenty-second session). No +recompute round: on RoBERTa-base the default ("auto") recomputes already
+#           (twenty-first session, the five providers in one round, primed: 444 s; estimated: ~430 s)
 #   3       the priming's GPU test, then the same as 2 for the Llama stack with condlora[triton] in one round, then
 #           condlora[triton] on RoBERTa-base compiled in one round (twenty-first session, five Llama providers in
 #           one round: 251 s with the install; estimated with the rounds: ~470 s, not yet run)
-#   4       the first step in fresh processes, cold and warm caches (twenty-first session: 260 s with the install)
+#   4       the GPU tests of recompute_weight_cast="auto", then the first step in fresh processes, cold and warm
+#           caches (twenty-first session: 260 s with the install, without the tests)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
@@ -49,10 +50,8 @@ part=$1; shift
 case "$part" in
   1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3
      bench_into "$suite_dir" $((575 - SECONDS + start)) "${compiled[@]}" --providers paper_code_condlora ;;
-  2) bench_into "$suite_dir" $((480 - SECONDS + start)) "${compiled[@]}" --models roberta-base --rounds 3 \
-       --providers "${required_providers[@]}"
-     bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base \
-       --providers "condlora[cuda]+recompute" ;;
+  2) bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base --rounds 3 \
+       --providers "${required_providers[@]}" ;;
   3) timeout 120 python -m pytest -q -rfE -p no:cacheprovider benchmarks/test_bench_model.py -k "compiled_mode_runs" \
        > "$OUT/pytest_priming.txt" 2>&1
      tail -1 "$OUT/pytest_priming.txt"
@@ -63,7 +62,11 @@ case "$part" in
        --providers "condlora[cuda]+recompute" "condlora[triton]"
      bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base \
        --providers "condlora[triton]" ;;
-  4) bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
+  4) timeout 150 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_recompute_weight_cast.py \
+       -k "auto or less_memory or setting" > "$OUT/pytest_auto.txt" 2>&1
+     tail -1 "$OUT/pytest_auto.txt"
+     echo "test: $((SECONDS - start)) s"
+     bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
   1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
   2a|2b) bench $((570 - SECONDS + start)) "${compiled[@]}" \
        --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" --providers "${compiled_providers[@]}" ;;

@@ -8,9 +8,11 @@ Providers (the adapters put on the same base model, copied for each):
     peft_lora               peft.get_peft_model(LoraConfig(...)), PEFT's defaults (fp32 adapters)
     paper_code_condlora     the paper's code: per-target shared nn.Linear generators, forward via
                             reference.paper_code_condlora (swap_paper_code below)
-    condlora[<backend>]     this package: apply_condlora(model, targets, backend=<backend>)
+    condlora[<backend>]     this package: apply_condlora(model, targets, backend=<backend>), its defaults
+                            (recompute_weight_cast="auto": on RoBERTa-base's 8192 tokens it recomputes, on the
+                            Llama stack's it keeps the rounding; docs/design.md §4)
     condlora[cuda]+recompute   the same with set_recompute_weight_cast(model): the float32 W0 kept until the
-                            backward instead of its bf16 rounding (docs/design.md §4); not in the first-step level
+                            backward instead of its bf16 rounding in every layer; not in the first-step level
 
 (The frozen model used to make the embeddings' output a leaf requiring grad, in a forward hook: the same
 backward, but `requires_grad_()` on an intermediate breaks torch.compile's graph, which would make the

@@ -459,7 +459,7 @@ def targets_markdown(results: dict) -> str:
     out.append("")
     out.append("bf16 on the GPU. *best CondLoRA*: the fastest condlora[<backend>] provider of each point; *(auto)*: "
                "the backend that `backend=\"auto\"` picks on this machine; *+recompute*: that backend with "
-               "`recompute_weight_cast`. –: not measured in this result.\n")
+               "`recompute_weight_cast=True` (the default is \"auto\"). –: not measured in this result.\n")
     return "\n".join(out)
 
 

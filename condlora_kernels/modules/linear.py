@@ -28,6 +28,19 @@ def resolve_mode(mode: str, in_features: int, out_features: int) -> str:
     return check_mode(mode)
 
 
+# recompute_weight_cast="auto" (docs/design.md §4). Rounding W0 again in the backward costs about
+# share * RECAST_COST_TOKENS / tokens of a training step, where share is the fraction of the model's linear-layer
+# weights that CondLoRA layers hold (1 for a layer on its own); "auto" recomputes where that is at most
+# RECAST_BUDGET: one more pass over W0 is then worth its 2 bytes per element.
+RECAST_COST_TOKENS = 240.0  # the compiled Llama stack of the benchmarks: 2.9% at 8192 tokens, share 0.99
+RECAST_BUDGET = 0.01
+
+
+def recast_min_tokens(share: float) -> int:
+    """The fewest tokens per call at which "auto" recomputes the rounding, for a layer of that weight share."""
+    return math.ceil(share * RECAST_COST_TOKENS / RECAST_BUDGET)
+
+
 def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """Generators of half-precision models are kept in float32 (as PEFT keeps its adapters), cast per call."""
     return torch.float32 if weight_dtype in HALF_DTYPES else weight_dtype
@@ -59,14 +72,20 @@ class FusedCondLoRALinear(nn.Module):
     read at each call, and `generator_key` names it (docs/design.md §8).
 
     `recompute_weight_cast` (a setting, also an attribute): for a float32 W0 in a half-precision step (autocast),
-    keep only W0 from forward to backward and round it again in the backward, instead of keeping its rounding:
-    2 bytes less per W0 element until the backward, at the cost of one more pass over W0 (docs/design.md §4).
-    The results are the same. `set_recompute_weight_cast(model)` sets it on every layer of a model.
+    True keeps only W0 from forward to backward and rounds it again in the backward, instead of keeping its
+    rounding: 2 bytes less per W0 element until the backward, at the cost of one more pass over W0. The results
+    are the same. "auto" (the default) does so where that pass is estimated at most 1% of the step, from the
+    call's tokens and `adapted_weight_share` (which `apply_condlora` sets: the share of the model's linear-layer
+    weights that CondLoRA layers hold); docs/design.md §4. `set_recompute_weight_cast(model, ...)` sets it on
+    every layer of a model.
     """
+
+    adapted_weight_share = 1.0  # a layer on its own: its GEMMs are all the step this package knows of
+    _recast_min_tokens = recast_min_tokens(1.0)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, alpha: float = 8,
                  dropout: float = 0.0, generator: Optional[CondLoRAGenerator] = None, mode: str = "auto",
-                 backend: str = "auto", recompute_weight_cast: bool = False, device=None, dtype=None):
+                 backend: str = "auto", recompute_weight_cast="auto", device=None, dtype=None):
         super().__init__()
         in_features = check_positive_int("in_features", in_features)
         out_features = check_positive_int("out_features", out_features)
@@ -86,7 +105,7 @@ class FusedCondLoRALinear(nn.Module):
         self.alpha = check_alpha(alpha, self.r)
         self.dropout = check_dropout_p(dropout)
         self.backend = check_backend_name(backend)
-        self.recompute_weight_cast = check_recompute_weight_cast(recompute_weight_cast)
+        self.recompute_weight_cast = check_recompute_weight_cast(recompute_weight_cast, auto_allowed=True)
         if generator is None:
             generator = CondLoRAGenerator(self.in_features, self.out_features, r, self.mode,
                                           device=self.weight.device, dtype=adapter_dtype(self.weight.dtype))
@@ -114,6 +133,21 @@ class FusedCondLoRALinear(nn.Module):
         object.__setattr__(self, "generator", generator)  # bypasses nn.Module.__setattr__, which would register it
         self.generator_key = key
 
+    def set_adapted_weight_share(self, share: float) -> None:
+        """The share of its model's linear-layer weights that CondLoRA layers hold, in (0, 1]: what
+        recompute_weight_cast="auto" weighs the rounding's cost by (apply_condlora sets it)."""
+        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 < share <= 1.0:
+            raise ValueError(f"share must be a real number in (0, 1], got {share!r}")
+        self.adapted_weight_share = float(share)
+        self._recast_min_tokens = recast_min_tokens(float(share))
+
+    def recomputes_weight_cast(self, x) -> bool:
+        """Whether a call on `x` keeps only the float32 W0 for the backward (recompute_weight_cast, resolved)."""
+        setting = self.recompute_weight_cast
+        if setting == "auto":
+            return isinstance(x, torch.Tensor) and x.numel() >= self._recast_min_tokens * self.in_features
+        return setting
+
     @property
     def owns_generator(self) -> bool:
         """True when the generator is this layer's submodule, False when the model root stores it."""
@@ -122,7 +156,7 @@ class FusedCondLoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                     generator: Optional[CondLoRAGenerator] = None, mode: str = "auto",
-                    backend: str = "auto", recompute_weight_cast: bool = False) -> "FusedCondLoRALinear":
+                    backend: str = "auto", recompute_weight_cast="auto") -> "FusedCondLoRALinear":
         """Wrap `linear` (its weight and bias are shared, not copied, and frozen); a new generator unless given."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -158,7 +192,7 @@ class FusedCondLoRALinear(nn.Module):
             distributed.check_unsharded(self)  # an FSDP2 shard (DTensor) left ungathered: a clear error (§8.7)
         return condlora_linear(x, weight, self.bias, theta_a, generator.theta_b, self.alpha / self.r,
                                dropout_p=self.dropout if self.training else 0.0, mode=self.mode,
-                               backend=self.backend, recompute_weight_cast=self.recompute_weight_cast)
+                               backend=self.backend, recompute_weight_cast=self.recomputes_weight_cast(x))
 
     def _refuse_training_while_merged(self) -> None:
         if self.training and torch.is_grad_enabled() and (self.generator.theta_a.requires_grad
@@ -236,4 +270,5 @@ class FusedCondLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, mode={self.mode}, "
                 f"backend={self.backend}, merged={self.merged}{shared}"
-                + (", recompute_weight_cast=True" if self.recompute_weight_cast else ""))
+                + ("" if self.recompute_weight_cast == "auto"
+                   else f", recompute_weight_cast={self.recompute_weight_cast}"))
