@@ -143,15 +143,17 @@ def test_priming_compiles_a_compiled_point_once_before_measuring_it(monkeypatch)
 
 
 def test_the_recompute_provider():
-    """condlora[<backend>]+recompute: the backend's layers with recompute_weight_cast set on every one."""
+    """condlora[<backend>]+recompute: the backend's layers with recompute_weight_cast set on every one; without
+    +recompute, the layers keep the default ("auto")."""
     assert condlora_provider("condlora[cuda]+recompute") == ("cuda", True)
     assert condlora_provider("condlora[triton]") == ("triton", False)
     assert condlora_provider("peft_lora") is None and condlora_provider("frozen+recompute") is None
     case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
     base = bench_model.build_model(case, torch.device("cpu"))
-    for provider, expected in (("condlora[cpu]", False), ("condlora[cpu]+recompute", True)):
+    for provider, expected in (("condlora[cpu]", "auto"), ("condlora[cpu]+recompute", True)):
         layers = condlora_layers(attach(provider, copy.deepcopy(base), case, 0.0)).values()
-        assert len(layers) == 2 and all(layer.recompute_weight_cast is expected for layer in layers), provider
+        assert len(layers) == 2 and all(layer.recompute_weight_cast == expected
+                                        and type(layer.recompute_weight_cast) is type(expected) for layer in layers)
         assert all(layer.backend == "cpu" for layer in layers)
     assert first_step_plan(["condlora[cuda]+recompute", "condlora[cuda]", "frozen"]) == ["frozen", "condlora[cuda]"]
 
