@@ -7,16 +7,19 @@
 # (bench/model.py): each compiles twice, the second time from the caches the first filled.
 #   1       install, the eager model level for every provider in 3 alternated rounds (eager
 #           steps follow the host's speed, NOTES tenth session), host time, the paper's code compiled (eleventh
-#           session without priming: ~220 s for the eager rounds, host time and the paper's code)
+#           session without priming: ~220 s for the eager rounds, host time and the paper's code; twenty-third
+#           session: 366 s with the install, on a machine the call started)
 #   2       RoBERTa-base compiled and under CUDA graphs: frozen, PEFT LoRA and condlora[cuda] (the required target's
 #           providers) in 3 alternated rounds, a compiled step on these hosts being bound by the host too (NOTES,
 #           twenty-second session). No +recompute round: on RoBERTa-base the default ("auto") recomputes already
-#           (twenty-first session, the five providers in one round, primed: 444 s; estimated: ~430 s)
+#           (twenty-third session: 390 s with the install, on a warm machine)
 #   3       the priming's GPU test, then the same as 2 for the Llama stack with condlora[triton] in one round, then
 #           condlora[triton] on RoBERTa-base compiled in one round (twenty-first session, five Llama providers in
-#           one round: 251 s with the install; estimated with the rounds: ~470 s, not yet run)
+#           one round: 251 s with the install; twenty-third session, with the rounds: 524 s, close to the call's
+#           limit: the timeouts below drop the last points first)
 #   4       the GPU tests of recompute_weight_cast="auto", then the first step in fresh processes, cold and warm
-#           caches (twenty-first session: 260 s with the install, without the tests)
+#           caches (twenty-third session: 379 s with the install, 96 s of it install and tests). Parts 1-4 back to
+#           back took 1777 s of device time with the cold start: a session's whole budget
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
