@@ -288,9 +288,11 @@ def test_auto_weighs_the_pass_by_the_adapted_share_and_the_tokens():
     alone_first = math.ceil(RECAST_COST_TOKENS / RECAST_BUDGET)
     assert not alone.recomputes_weight_cast(torch.empty(alone_first - 1, 16, device="meta"))
     assert alone.recomputes_weight_cast(torch.empty(alone_first, 16, device="meta"))
-    for bad in (0.0, 1.5, True, "half"):
-        with pytest.raises(ValueError, match="share must be a real number in"):
+    for bad, error in ((0.0, ValueError), (1.5, ValueError), (float("nan"), ValueError), (True, TypeError),
+                       ("half", TypeError)):
+        with pytest.raises(error, match="share must be a real number in"):
             alone.set_adapted_weight_share(bad)
+    assert alone.adapted_weight_share == 1.0  # unchanged by the refused calls
 
 
 def test_adapted_weight_share_counts_transformers_conv1d():

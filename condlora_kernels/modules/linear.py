@@ -136,7 +136,9 @@ class FusedCondLoRALinear(nn.Module):
     def set_adapted_weight_share(self, share: float) -> None:
         """The share of its model's linear-layer weights that CondLoRA layers hold, in (0, 1]: what
         recompute_weight_cast="auto" weighs the rounding's cost by (apply_condlora sets it)."""
-        if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 < share <= 1.0:
+        if isinstance(share, bool) or not isinstance(share, numbers.Real):
+            raise TypeError(f"share must be a real number in (0, 1], got {share!r} of type {type(share).__name__}")
+        if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be a real number in (0, 1], got {share!r}")
         self.adapted_weight_share = float(share)
         self._recast_min_tokens = recast_min_tokens(float(share))
