@@ -7,7 +7,8 @@ linear maps per module type, shared by all layers:  A = theta_a W0^T (or theta_a
     FusedCondLoRALinear.from_linear(linear, r=8, alpha=8, ...)        drop-in for nn.Linear
     apply_condlora(model, ["query", "value"], r=8, alpha=8)          any nn.Module / transformers model
     save_condlora / load_condlora, merge_condlora, export_peft_adapter
-    set_recompute_weight_cast(model)       less memory for float32 weights under autocast, one more pass over W0
+    set_recompute_weight_cast(model, True | False | "auto")   a float32 W0 under autocast: round it again in the
+                                           backward (less memory) or keep its rounding; "auto", the default, where cheap
 """
 
 from condlora_kernels import reference
