@@ -147,6 +147,33 @@ def test_compiled_step_keeps_the_master_where_x_needs_no_gradient(backend):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compiled_step_follows_auto(backend):
+    """Under torch.compile "auto" is decided while tracing, from the traced shapes: what the partitioner keeps for
+    the four adapted layers of TwoBlocks (share 0.2) is the bf16 rounding one token below the first token count
+    and the float32 W0 itself from it on. The frozen layers' F.linear keeps its own bf16 copies either way."""
+    if available_backends("cpu", torch.bfloat16)[backend] is not None:
+        pytest.skip(available_backends("cpu", torch.bfloat16)[backend])
+    kept_masters = {}
+    for offset in (-1, 0):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = TwoBlocks()
+        apply_condlora(model, ["query", "value"], r=2, backend=backend)
+        tokens = condlora_layers(model)["first.query"]._recast_min_tokens + offset
+        x = torch.randn(tokens, 16, requires_grad=True)
+        compiled = torch.compile(model, fullgraph=True)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                compiled(x).float().sum().backward()
+
+        kept_masters[offset] = sum(1 for shape, _, dtype, is_input in compiled_saved_tensors(step)
+                                   if shape == (16, 16) and dtype == torch.float32 and is_input)
+    torch._dynamo.reset()
+    assert kept_masters == {-1: 0, 0: 4}, kept_masters
+
+
 @pytest.mark.parametrize("device,backend", [(d, b) for d in DEVICES
                                             for b in (["cuda", "triton"] if d == "cuda" else ["cpu", "reference"])])
 def test_compiled_matches_eager(device, backend):
