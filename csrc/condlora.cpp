@@ -231,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor> generate_checked(const at::Tensor& weight, co
 
 std::tuple<at::Tensor, at::Tensor> generate_lora_weights(const at::Tensor& weight, const at::Tensor& theta_a,
                                                          const at::Tensor& theta_b, const std::string& mode_name) {
+  const BelowAutograd below_autograd;
   check_float_dtype("weight", weight);
   check_same_dtype_and_device("theta_a", theta_a, weight, "weight");
   check_same_dtype_and_device("theta_b", theta_b, weight, "weight");
@@ -398,6 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_forward(
     const DeviceKernels& kernels, const at::Tensor& x_in, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode) {
+  const BelowAutograd below_autograd;
   const Sizes sz = check_forward_args(x_in, weight, bias, theta_a, theta_b, scaling, dropout_p, seed, mode);
   const at::Tensor x = x_in.contiguous();
   auto [lora_a, lora_b] = generate_checked(weight, theta_a, theta_b, sz.mode);
@@ -410,6 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
     const at::Tensor& theta_a, const at::Tensor& theta_b, const at::Tensor& u_in, const at::Tensor& lora_a_in,
     const at::Tensor& lora_b_in, double scaling, double dropout_p, const std::optional<at::Tensor>& seed,
     const std::string& mode, std::array<bool, 4> needs) {
+  const BelowAutograd below_autograd;
   const Sizes sz = check_backward_args(grad_y, x_in, weight, theta_a, theta_b, u_in, lora_a_in, lora_b_in, scaling,
                                        dropout_p, seed, mode);
   return backward_core(kernels, grad_y.contiguous(), x_in.contiguous(), weight, u_in.contiguous(),
@@ -487,6 +490,7 @@ std::optional<at::Tensor> bias_in(const std::optional<at::Tensor>& bias, at::Sca
 std::tuple<at::Tensor, at::Tensor, at::Tensor> condlora_prepare(const DeviceKernels& kernels, const at::Tensor& weight,
                                                                 const at::Tensor& theta_a, const at::Tensor& theta_b,
                                                                 at::ScalarType dtype, const std::string& mode_name) {
+  const BelowAutograd below_autograd;
   const Mode mode = check_prepare_args(weight, theta_a, theta_b, dtype, mode_name);
   return prepare_checked(kernels, weight, theta_a, theta_b, dtype, mode);
 }
@@ -496,6 +500,7 @@ std::tuple<at::Tensor, at::Tensor> condlora_forward_ab(const DeviceKernels& kern
                                                        const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                        double scaling, double dropout_p,
                                                        const std::optional<at::Tensor>& seed) {
+  const BelowAutograd below_autograd;
   check_x_bias_seed(x_in, weight, bias, scaling, dropout_p, seed);
   check_same_dtype_and_device("weight", weight, x_in);
   check_same_dtype_and_device("lora_a", lora_a, x_in);
@@ -511,6 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_
     const DeviceKernels& kernels, const at::Tensor& x_in, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& theta_a, const at::Tensor& theta_b, double scaling,
     double dropout_p, const std::optional<at::Tensor>& seed, const std::string& mode_name) {
+  const BelowAutograd below_autograd;
   check_layout_and_dtype("x", x_in);  // first: x's dtype is the one the others are checked against
   const at::ScalarType dtype = x_in.scalar_type();
   const Mode mode = check_prepare_args(weight, theta_a, theta_b, dtype, mode_name);
@@ -529,15 +535,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
     const at::Tensor& u, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling, double dropout_p,
     const std::optional<at::Tensor>& seed, const std::string& mode_name, at::ScalarType theta_dtype,
     std::array<bool, 4> needs, bool stack_theta_grads) {
+  const BelowAutograd below_autograd;
   const Mode mode = parse_mode(mode_name);
   TORCH_CHECK_VALUE(!stack_theta_grads || can_stack_theta_grads(mode_name, needs),
                     "stack_theta_grads needs mode='paper' and both theta gradients asked for (needs[1] and needs[2])");
   check_layout_and_dtype("grad_y", grad_y);
   check_scaling_and_dropout(scaling, dropout_p);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_y", grad_y}, {"weight", weight},
-                                {"u", u}, {"lora_a", lora_a}, {"lora_b", lora_b}}) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_y", grad_y}, {"u", u},
+                                {"lora_a", lora_a}, {"lora_b", lora_b}}) {
     check_same_dtype_and_device(name, t, x);
   }
+  check_master("weight", weight, x.scalar_type(), x.device());
   const Sizes sz{x.size(0), weight.size(1), weight.size(0), lora_a.size(0), mode};
   check_shape("grad_y", grad_y, {sz.n_rows, sz.d_out}, "N, d_out");
   check_shape("u", u, {sz.n_rows, sz.r}, "N, r");
@@ -546,8 +554,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward_ab(
   check_seed(seed, dropout_p, x.device());
   TORCH_CHECK_TYPE(weight_dtype_fits(theta_dtype, x.scalar_type()), "theta_dtype must be x's dtype or float32, got ",
                    py_dtype(theta_dtype));
-  return backward_core(kernels, grad_y.contiguous(), x.contiguous(), weight, u.contiguous(), lora_a.contiguous(),
-                       lora_b.contiguous(), scaling, dropout_p, seed, sz, needs, theta_dtype,
+  // a float32 master (recompute_weight_cast) rounded here as prepare rounded it (to nearest even): in a compiled
+  // graph one launch inside this op instead of a cast kernel of its own launched from Python
+  return backward_core(kernels, grad_y.contiguous(), x.contiguous(), cast(weight, x.scalar_type()), u.contiguous(),
+                       lora_a.contiguous(), lora_b.contiguous(), scaling, dropout_p, seed, sz, needs, theta_dtype,
                        stack_theta_grads);
 }
 

@@ -103,6 +103,12 @@ struct DeviceKernels {
                   const at::Tensor& weight_out, const at::Tensor& lora_a, const at::Tensor& lora_b);
 };
 
+// Every op below runs its ATen calls below autograd: the ops are primitives whose autograd lives above them
+// (condlora_C::linear in linear.cpp, ops/condlora_linear.py), so the autograd and ADInplaceOrView layers of the
+// dispatcher would only cost host time on each of their GEMMs, views and allocations; a compiled graph calls the
+// ops with no such guard of its own (docs/design.md §4; measured in benchmarks/NOTES.md, twenty-fourth session).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // (lora_a, lora_b) = (A, B), contiguous, in W0's dtype.
 std::tuple<at::Tensor, at::Tensor> generate_lora_weights(const at::Tensor& weight, const at::Tensor& theta_a,
                                                          const at::Tensor& theta_b, const std::string& mode);
@@ -122,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> condlora_backward(
 
 // The ops behind condlora_C::linear (docs/design.md §4). prepare: (weight in dtype, or an empty tensor where it
 // already had it; lora_a; lora_b), the generators and a float32 master weight rounded to dtype. forward_ab: (y, u)
-// from A and B (weight, A and B in x's dtype; bias in x's dtype or a float32 master). backward_ab: the gradients,
+// from A and B (weight, A and B in x's dtype; bias in x's dtype or a float32 master). backward_ab: the gradients
+// (weight in x's dtype, or a float32 master of a half-precision x, which it rounds as prepare does),
 // dtheta in theta_dtype (x's dtype, or float32 for a half-precision x); with stack_theta_grads (which needs
 // can_stack_theta_grads: paper mode, both theta gradients asked for), grad_theta_a is [dtheta_a; dtheta_b]
 // (2r, d_in) and grad_theta_b is empty: one GEMM writes both, and an op's outputs may not share storage, so

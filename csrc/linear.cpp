@@ -149,11 +149,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2d = saved[0], &u = saved[2], &lora_a = saved[3], &lora_b = saved[4];
+    // weight: its rounding to x's dtype, or the float32 master (recompute_weight_cast), which backward_ab rounds
+    const at::Tensor &x2d = saved[0], &weight = saved[1], &u = saved[2], &lora_a = saved[3], &lora_b = saved[4];
     const at::Tensor &seed = saved[5], &x = saved[6];
-    // a float32 master kept by recompute_weight_cast: rounded to x's dtype as prepare rounded it (to nearest even)
-    const at::Tensor weight =
-        saved[1].scalar_type() == x2d.scalar_type() ? saved[1] : saved[1].to(x2d.scalar_type());
     // needs_input_grad counts tensor inputs only: without a bias, theta_a and theta_b come one place earlier
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const size_t theta_a_index = has_bias ? 3 : 2;

@@ -155,6 +155,12 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.condlora_C.backward_ab.default,
                               (torch.randn_like(y), x2, w, u, lora_a, lora_b, 1.5, 0.0, None, "paper", torch.float32,
                                [True, True, True, True], stack))
+    # a float32 master weight of a half-precision x (recompute_weight_cast), rounded inside
+    x16, (w16, a16, b16) = x2.half(), torch.ops.condlora_C.prepare.default(w, ta2, tb2, torch.float16, "paper")
+    y16, u16 = torch.ops.condlora_C.forward_ab.default(x16, w16, b, a16, b16, 1.5, 0.0, None)
+    torch.library.opcheck(torch.ops.condlora_C.backward_ab.default,
+                          (torch.randn_like(y16), x16, w, u16, a16, b16, 1.5, 0.0, None, "paper", torch.float32,
+                           [True, True, True, False], True))
     for x_in in (x2, x2.half()):  # weight in x's dtype, and float32 masters of a half-precision x
         torch.library.opcheck(torch.ops.condlora_C.prepare_forward.default,
                               (x_in, w, b, ta2, tb2, 1.5, 0.0, None, "paper"))
@@ -224,6 +230,30 @@ def test_backward_ab_stacks_the_theta_gradients_on_request(device):
         torch.ops.condlora_C.backward_ab.default(*args, [True, True, False, False], True)
     with pytest.raises(ValueError, match="stack_theta_grads needs mode='paper'"):
         torch.ops.condlora_C.backward_ab.default(*args[:-2], "general", torch.float32, needs, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,d_in,d_out", [("paper", 40, 40), ("general", 24, 40)])
+def test_backward_ab_rounds_a_float32_master(device, x_dtype, mode, d_in, d_out):
+    """backward_ab takes the float32 master that recompute_weight_cast keeps and rounds it itself: bit for bit
+    the gradients of the master rounded before the call (to nearest even, as prepare rounds it). Any other weight
+    dtype is refused with both dtypes named."""
+    problem = make_problem(37, d_in, d_out, 3, mode=mode, dtype=torch.float32, device=device, seed=d_in)
+    x = problem.x.detach().reshape(-1, d_in).to(x_dtype)
+    w, ta, tb = problem.weight.detach(), problem.theta_a.detach(), problem.theta_b.detach()
+    y, u, weight_cast, lora_a, lora_b = torch.ops.condlora_C.prepare_forward.default(x, w, None, ta, tb, 1.5, 0.0,
+                                                                                      None, mode)
+    assert torch.equal(weight_cast, w.to(x_dtype))
+    needs = [True, True, True, False]
+    args = (torch.randn_like(y), x)
+    rest = (u, lora_a, lora_b, 1.5, 0.0, None, mode, torch.float32, needs)
+    from_master = torch.ops.condlora_C.backward_ab.default(*args, w, *rest)
+    from_rounded = torch.ops.condlora_C.backward_ab.default(*args, weight_cast, *rest)
+    for name, a, b_ in zip(("dx", "dtheta_a", "dtheta_b"), from_master, from_rounded):
+        assert a.dtype == b_.dtype and torch.equal(a, b_), name
+    with pytest.raises(TypeError, match=f"weight has dtype torch.float64 but x has dtype {x_dtype}"):
+        torch.ops.condlora_C.backward_ab.default(*args, w.double(), *rest)
 
 
 @pytest.mark.parametrize("device", DEVICES)
