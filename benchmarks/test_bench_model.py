@@ -169,15 +169,16 @@ def test_compiled_wraps_the_model():
 
 
 def test_rounds_alternate_the_providers_and_report_their_median():
-    """settings.model_rounds = 2: the plan measures frozen, condlora[cpu], frozen, condlora[cpu]; each point keeps
-    one row whose median_ms and host_mm_us are the medians of its rounds, with the highest peak; a provider that
-    cannot run stays one skipped row."""
+    """settings.model_rounds = 2: the plan measures frozen, condlora[cpu], condlora[cuda], then the same rotated
+    by one place; each point keeps one row whose median_ms and host_mm_us are the medians of its rounds, with the
+    highest peak; a provider that cannot run stays one skipped row."""
     case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
     settings = dataclasses.replace(Settings.for_device("cpu", quick=True), model_cases=((case, "fp32"),),
                                    model_modes=("eager",), model_rounds=2)
     suite = ModelSuite(torch.device("cpu"), settings)
     plan = suite.plan(["frozen", "condlora[cpu]", "condlora[cuda]"])
-    assert [p for *_, p in plan] == ["frozen", "condlora[cpu]", "condlora[cuda]"] * 2
+    assert [p for *_, p in plan] == ["frozen", "condlora[cpu]", "condlora[cuda]",
+                                     "condlora[cpu]", "condlora[cuda]", "frozen"]
     for point in plan:
         suite.measure(*point)
     rows = {row["provider"]: row for row in suite.rows}
@@ -193,6 +194,24 @@ def test_rounds_alternate_the_providers_and_report_their_median():
         rows["condlora[cpu]"]["median_ms"] / rows["frozen"]["median_ms"])
     table = report.model_markdown(suite.rows)
     assert f"| {rows['frozen']['host_mm_us']:.1f} (2 rounds) |" in table
+
+
+def test_rounds_put_each_provider_once_in_each_place():
+    """A host-bound step follows the host's drift over the process's life, so the order within a round is rotated:
+    over as many rounds as providers, each provider is measured once first, once second, ...; frozen and PEFT
+    lead the first round. Eager-only providers rotate in eager mode only."""
+    settings = dataclasses.replace(Settings.for_device("cpu", quick=True), model_cases=((ROBERTA_TINY, "fp32"),),
+                                   model_modes=("eager", "compile"), model_rounds=3,
+                                   eager_only_providers=("condlora[reference]",))
+    providers = ["condlora[cpu]", "peft_lora", "frozen", "condlora[reference]"]
+    plan = ModelSuite(torch.device("cpu"), settings).plan(providers)
+    for mode, in_mode in (("eager", 4), ("compile", 3)):
+        order = [p for _, _, m, p in plan if m == mode]
+        rounds = [order[i:i + in_mode] for i in range(0, len(order), in_mode)]
+        assert len(rounds) == 3 and rounds[0][:2] == ["frozen", "peft_lora"], rounds
+        assert all(sorted(r) == sorted(rounds[0]) for r in rounds), rounds
+        assert all(r == rounds[0][k:] + rounds[0][:k] for k, r in enumerate(rounds)), rounds
+        assert len({r[0] for r in rounds}) == 3, rounds  # a different provider leads each round
 
 
 def test_a_failed_round_makes_the_point_an_error():

@@ -62,12 +62,15 @@ A step is forward, loss, backward, AdamW step, zero_grad (the optimizer step sta
     peak_reserved_bytes  the whole point's peak of the memory the caching allocator holds from CUDA (what an
                       out-of-memory error is about), above what it held before the point
     round_ms          with settings.model_rounds = R > 1, each model and mode's providers are measured R times,
-    round_host_mm_us  in turn (frozen, PEFT, ..., then again), each time as above; the point's row keeps every
-                      round's median step time and host_mm_us, and reports their medians (median_ms, host_mm_us),
-                      the highest peaks, and the first round's first step. A step bound by the host (eager
-                      RoBERTa-base, or a compiled one on a slow host) follows the host's speed, which on the H200
-                      machines moved by up to 1.7x within one process over seconds (benchmarks/NOTES.md, tenth
-                      session): alternating the providers over rounds spreads that drift over all of them.
+    round_host_mm_us  in turn, each time as above, the order rotated by one place per round (frozen, PEFT, ours;
+                      then PEFT, ours, frozen; ...); the point's row keeps every round's median step time and
+                      host_mm_us, and reports their medians (median_ms, host_mm_us), the highest peaks, and the
+                      first round's first step. A step bound by the host (eager RoBERTa-base, or a compiled one on
+                      a slow host) follows the host's speed, which on the H200 machines moved by up to 1.7x within
+                      one process over seconds (benchmarks/NOTES.md, tenth session) and slowed round after round
+                      for the adapted compiled steps (twenty-third session): alternating the providers over rounds
+                      spreads that drift over all of them, and rotating them puts each provider once in each
+                      place of a round.
     graphs_compiled   compiled modes: the graphs Dynamo compiled (beyond graph_breaks + 1: recompilations,
     graph_breaks      each one more compile during the first steps) and the graph breaks it met
     point_s           the point's wall time, everything included
@@ -371,14 +374,20 @@ class ModelSuite:
         self._libraries_warm = True
 
     def plan(self, providers=MODEL_PROVIDERS) -> list:
-        """Every (case, precision, mode, provider) of the settings: per case and mode, frozen and PEFT first
-        (the ratios' denominators); settings.eager_only_providers in eager mode only."""
+        """Every (case, precision, mode, provider) of the settings: per case and mode, frozen and PEFT first in
+        the first round (the ratios' denominators), the order rotated by one place in each later round (the
+        module docstring's round_ms); settings.eager_only_providers in eager mode only."""
         providers = [p for p in ("frozen", "peft_lora") if p in providers] + \
                     [p for p in providers if p not in ("frozen", "peft_lora")]
         eager_only = self.settings.eager_only_providers
-        return [(case, precision, mode, p) for case, precision in self.settings.model_cases
-                for mode in self.settings.model_modes for _ in range(self.settings.model_rounds)
-                for p in providers if mode == "eager" or p not in eager_only]
+        plan = []
+        for case, precision in self.settings.model_cases:
+            for mode in self.settings.model_modes:
+                in_mode = [p for p in providers if mode == "eager" or p not in eager_only]
+                for k in range(self.settings.model_rounds):
+                    shift = k % max(1, len(in_mode))
+                    plan += [(case, precision, mode, p) for p in in_mode[shift:] + in_mode[:shift]]
+        return plan
 
     def base_model(self, case: ModelCase) -> nn.Module:
         if self._base[0] != case.name:
