@@ -28,6 +28,9 @@
 #           (~120 s after the install in the fourteenth session), into its own JSON (not the suite's)
 #   ab TOGGLE  install, the op's GPU tests (the three files of `prepare`), then tools/explore_ab.py with that toggle,
 #           eager and compiled, 6 rounds (nineteenth session: ~100 s of tests, ~300 s of A/B after the install)
+#   layer TOGGLE  install, one layer's GPU time (CUDA graphs) and host-inclusive time at RoBERTa-base's widths
+#           (tools/explore_formulations.py, frozen and cuda), as built and with the branch's switch set, twice each,
+#           alternated (twenty-fourth session: ~75 s after the install)
 #   points  install, tools/explore_point_memory.py: the bytes first GEMMs keep, then RoBERTa-base's compiled points
 #           in the suite's order and reversed (nineteenth session: ~140 s for both orders after the install)
 #   tests FILE...   install, those GPU tests with 8 workers, the whole output and the 25 slowest kept in $OUT
@@ -98,6 +101,16 @@ case "$part" in
       | grep -v -i warn | cut -c1-300
     echo "ab: $((SECONDS - start)) s"
     ;;
+  layer)
+    for variant in new old new old; do
+      echo "== $variant"
+      # shellcheck disable=SC2046  (the switch is set for the old variant only)
+      env $([ "$variant" = old ] && echo "$1=1") timeout 60 python tools/explore_formulations.py \
+        --shapes 8192,768,768,8 2048,768,768,8 --names frozen cuda --json "$OUT/layer_${variant}_$SECONDS.json" 2>&1 \
+        | grep -E "^(cuda|frozen|[0-9])"
+    done
+    echo "layer: $((SECONDS - start)) s"
+    ;;
   points)
     timeout 60 python tools/explore_point_memory.py once --json "$OUT/once.json" 2>&1 | grep -v -i warn
     for order in 'frozen peft_lora condlora[cuda]' 'condlora[cuda] peft_lora frozen'; do
@@ -114,5 +127,5 @@ case "$part" in
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
     echo "tests: $((SECONDS - start)) s"
     ;;
-  *) echo "usage: bash tools/device_suite.sh 1|2|3|4|1a|2a|2b|3a|llama|prepare|ab TOGGLE|points|tests FILE..." >&2; exit 2 ;;
+  *) echo "usage: bash tools/device_suite.sh 1|2|3|4|1a|2a|2b|3a|llama|prepare|ab TOGGLE|layer TOGGLE|points|tests FILE..." >&2; exit 2 ;;
 esac
