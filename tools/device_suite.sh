@@ -5,21 +5,23 @@
 # one run's JSON, not merged with earlier sessions') and copy it to $OUT; copy it back into $SUITE_DIR here and
 # carry that folder into the next call (a call starts from the tree as it is here). Compiled points are primed
 # (bench/model.py): each compiles twice, the second time from the caches the first filled.
-#   1       install, the eager model level for every provider in 3 alternated rounds (eager
-#           steps follow the host's speed, NOTES tenth session), host time, the paper's code compiled (eleventh
-#           session without priming: ~220 s for the eager rounds, host time and the paper's code; twenty-third
-#           session: 366 s with the install, on a machine the call started)
+#   1       install, the eager model level for every provider but +recompute (a setting, not a backend: run it
+#           with `points` or the bench's --providers) in 3 alternated rounds (eager steps follow the host's speed,
+#           NOTES tenth session), host time, the paper's code compiled (eleventh session without priming: ~220 s
+#           for the eager rounds, host time and the paper's code; twenty-third session, with +recompute: 366 s with
+#           the install, on a machine the call started)
 #   2       RoBERTa-base compiled and under CUDA graphs: frozen, PEFT LoRA and condlora[cuda] (the required target's
 #           providers) in 3 alternated rounds, a compiled step on these hosts being bound by the host too (NOTES,
 #           twenty-second session). No +recompute round: on RoBERTa-base the default ("auto") recomputes already
 #           (twenty-third session: 390 s with the install, on a warm machine)
-#   3       the priming's GPU test, then the same as 2 for the Llama stack with condlora[triton] in one round, then
-#           condlora[triton] on RoBERTa-base compiled in one round (twenty-first session, five Llama providers in
-#           one round: 251 s with the install; twenty-third session, with the rounds: 524 s, close to the call's
-#           limit: the timeouts below drop the last points first)
-#   4       the GPU tests of recompute_weight_cast="auto", then the first step in fresh processes, cold and warm
-#           caches (twenty-third session: 379 s with the install, 96 s of it install and tests). Parts 1-4 back to
-#           back took 1777 s of device time with the cold start: a session's whole budget
+#   3       the same as 2 for the Llama stack, then condlora[triton] on it in one round, then condlora[triton] on
+#           RoBERTa-base compiled in one round (twenty-third session, with the priming's GPU test and
+#           condlora[cuda]+recompute on the Llama stack: 524 s, close to the call's limit: the timeouts below drop
+#           the last points first)
+#   4       the first step in fresh processes, cold and warm caches (twenty-third session, after the GPU tests of
+#           recompute_weight_cast="auto": 379 s with the install, 96 s of it install and tests). Parts 1-4 back to
+#           back took 1777 s of device time with the cold start in the twenty-third session, a session's whole
+#           budget; the parts have since lost those GPU tests and the +recompute points (~3 minutes)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
@@ -49,30 +51,26 @@ bench_into() {  # bench_into FOLDER TIME_LIMIT ARGS...
   echo "elapsed: $((SECONDS - start)) s"
 }
 bench() { bench_into benchmarks/results "$@"; }
-compiled_providers=(frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]")
+compiled_providers=(frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]")  # 2a, 2b
+# every model provider but condlora[cuda]+recompute, for part 1's eager rounds
+eager_providers=(frozen peft_lora paper_code_condlora "condlora[cuda]" "condlora[triton]" "condlora[cpu]"
+                 "condlora[reference]")
 required_providers=(frozen peft_lora "condlora[cuda]")  # the required target's, in 3 rounds in parts 2 and 3
 compiled=(--only model --model-modes compile reduce-overhead --no-first-step)  # the compiled model level's options
 part=$1; shift
 case "$part" in
-  1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3
+  1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 \
+       --providers "${eager_providers[@]}"
      bench_into "$suite_dir" $((575 - SECONDS + start)) "${compiled[@]}" --providers paper_code_condlora ;;
   2) bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base --rounds 3 \
        --providers "${required_providers[@]}" ;;
-  3) timeout 120 python -m pytest -q -rfE -p no:cacheprovider benchmarks/test_bench_model.py -k "compiled_mode_runs" \
-       > "$OUT/pytest_priming.txt" 2>&1
-     tail -1 "$OUT/pytest_priming.txt"
-     echo "test: $((SECONDS - start)) s"
-     bench_into "$suite_dir" $((360 - SECONDS + start)) "${compiled[@]}" --models llama-4096-2L --rounds 3 \
+  3) bench_into "$suite_dir" $((360 - SECONDS + start)) "${compiled[@]}" --models llama-4096-2L --rounds 3 \
        --providers "${required_providers[@]}"
      bench_into "$suite_dir" $((450 - SECONDS + start)) "${compiled[@]}" --models llama-4096-2L \
-       --providers "condlora[cuda]+recompute" "condlora[triton]"
+       --providers "condlora[triton]"
      bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base \
        --providers "condlora[triton]" ;;
-  4) timeout 150 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_recompute_weight_cast.py \
-       -k "auto or less_memory or setting" > "$OUT/pytest_auto.txt" 2>&1
-     tail -1 "$OUT/pytest_auto.txt"
-     echo "test: $((SECONDS - start)) s"
-     bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
+  4) bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
   1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
   2a|2b) bench $((570 - SECONDS + start)) "${compiled[@]}" \
        --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" --providers "${compiled_providers[@]}" ;;
