@@ -142,6 +142,54 @@ def test_priming_compiles_a_compiled_point_once_before_measuring_it(monkeypatch)
     assert all(row["first_compile_peak_mem_bytes"] is None for row in rows.values())  # no CUDA memory to read
 
 
+def test_training_step_reports_each_phase_in_order():
+    """training_step's after_phase hook (the tools that read memory per phase): called after the forward with the
+    loss, after the backward (the adapter's gradients are there), after the optimizer (they are gone again), in
+    that order on every step; the step is the same with and without it."""
+    case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
+    base = bench_model.build_model(case, torch.device("cpu"))
+    losses = {}
+    for hooked in (False, True):
+        torch.manual_seed(0)
+        model = attach("condlora[cpu]", copy.deepcopy(base), case, 0.0)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        seen = []
+
+        def after_phase(name, loss):
+            seen.append((name, loss.item(), all(p.grad is not None for p in trainable)))
+
+        step = bench_model.training_step(model, optimizer, bench_model.make_batch(case, model, torch.device("cpu")),
+                                         torch.device("cpu"), "fp32", "eager",
+                                         after_phase=after_phase if hooked else None)
+        losses[hooked] = [step().item() for _ in range(2)]
+    assert losses[True] == losses[False] and losses[True][0] != losses[True][1]  # the optimizer moved theta
+    assert [name for name, _, _ in seen] == ["forward", "backward", "optimizer"] * 2
+    assert [loss for _, loss, _ in seen] == [losses[True][0]] * 3 + [losses[True][1]] * 3
+    assert [has_grads for _, _, has_grads in seen] == [False, True, False] * 2
+
+
+def test_start_point_primes_only_when_asked(monkeypatch):
+    """ModelSuite.start_point, what measure and the tools do before a point: Dynamo reset and the previous model
+    collected every time; the priming (one compilation thrown away) only where asked, its (first step, peak)
+    returned, else None."""
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    case = dataclasses.replace(ROBERTA_TINY, config=ROBERTA_TINY.config + (("num_hidden_layers", 1),))
+    settings = dataclasses.replace(Settings.for_device("cpu", quick=True), model_warmup_steps=1,
+                                   compile_backend="aot_eager")
+    suite = ModelSuite(torch.device("cpu"), settings)
+    monkeypatch.setattr(suite, "_cleanup", lambda: calls.append("cleanup"))
+    base = suite.base_model(case)
+    calls.clear()
+    assert suite.start_point(base, case, "fp32", "compile", "frozen", prime=False) is None
+    assert calls == ["reset", "cleanup"]
+    calls.clear()
+    first_step_s, peak = suite.start_point(base, case, "fp32", "compile", "frozen", prime=True)
+    assert first_step_s > 0 and peak is None  # no CUDA memory to read on CPU
+    assert calls == ["reset", "cleanup", "reset", "cleanup"]  # the primed point thrown away afterwards
+
+
 def test_the_recompute_provider():
     """condlora[<backend>]+recompute: the backend's layers with recompute_weight_cast set on every one; without
     +recompute, the layers keep the default ("auto")."""

@@ -85,12 +85,10 @@ def phase(index: int, marks: list) -> str:
 
 
 def prime(suite, base, mode: str, provider: str) -> tuple:
-    """What the suite does before it measures a point: a clean slate, the libraries' one-off allocations made, the
-    point compiled once and thrown away. Returns the priming's (first step's seconds, peak bytes)."""
-    torch._dynamo.reset()
-    suite._cleanup()
-    suite._warm_libraries()
-    return suite._prime_compile_caches(base, ROBERTA_BASE, "bf16", mode, provider)
+    """What the suite does before it measures a point (ModelSuite.start_point): a clean slate, the libraries'
+    one-off allocations made, the point compiled once and thrown away. Returns the priming's (first step's seconds,
+    peak bytes)."""
+    return suite.start_point(base, ROBERTA_BASE, "bf16", mode, provider, prime=True)
 
 
 def measure(suite, base, mode: str, provider: str) -> dict:
@@ -150,7 +148,7 @@ def alive_blocks() -> list:
 def phases(suite, base, mode: str, provider: str, alive: bool = False) -> dict:
     """The allocator's peak statistic per phase (forward, backward, optimizer step) of the measured point's first
     four steps, above what was allocated before the point: where the whole point's peak is reached. The step is
-    bench_model.training_step's, written out here so that each phase can be read."""
+    the suite's (bench_model.training_step), read after each phase through its after_phase hook."""
     case, device = ROBERTA_BASE, torch.device("cuda")
     prime(suite, base, mode, provider)
     torch.cuda.synchronize()
@@ -159,7 +157,6 @@ def phases(suite, base, mode: str, provider: str, alive: bool = False) -> dict:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = bench_model.make_batch(case, model, device)
-    forward = bench_model.compiled(model, mode)
     out = []
 
     def phase_done(name):
@@ -190,17 +187,12 @@ def phases(suite, base, mode: str, provider: str, alive: bool = False) -> dict:
             stack.extend(n for n, _ in node.next_functions)
         return rows
 
-    saved, live = [], []
-    if alive:
-        torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
-    torch.cuda.reset_peak_memory_stats()
-    for k in range(1, 5):
-        if mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = forward(**batch).loss
-        phase_done(f"step {k} forward")
-        if k == 2:
+    saved, live, k = [], [], 0
+
+    def after_phase(name, loss):
+        nonlocal saved, live
+        phase_done(f"step {k} {name}")
+        if name == "forward" and k == 2:
             saved = saved_for_backward(loss)
             if alive:
                 live = alive_blocks()
@@ -210,11 +202,13 @@ def phases(suite, base, mode: str, provider: str, alive: bool = False) -> dict:
                       flush=True)
                 for r in live[:25]:
                     print(f"    {r['count']:4d} x {r['size']:>12,} pool {r['pool']:10s} {r['frames'][:1]}", flush=True)
-        loss.backward()
-        phase_done(f"step {k} backward")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        phase_done(f"step {k} optimizer")
+
+    step = bench_model.training_step(model, optimizer, batch, device, "bf16", mode, after_phase=after_phase)
+    if alive:
+        torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
+    torch.cuda.reset_peak_memory_stats()
+    for k in range(1, 5):
+        step()
     for row in out:
         print(f"  {provider:16s} {row['phase']:20s} peak {row['peak']:>15,}  "
               f"allocated after {row['allocated_after']:>15,}", flush=True)

@@ -269,8 +269,11 @@ def compiled(model: nn.Module, mode: str, backend: str = "inductor") -> Callable
 
 
 def training_step(model: nn.Module, optimizer, batch: dict, device: torch.device, precision: str, mode: str,
-                  backend: str = "inductor") -> Callable[[], torch.Tensor]:
-    """One training step of `model` in `mode`: forward and loss (under autocast for bf16), backward, AdamW step."""
+                  backend: str = "inductor",
+                  after_phase: Optional[Callable[[str, torch.Tensor], None]] = None) -> Callable[[], torch.Tensor]:
+    """One training step of `model` in `mode`: forward and loss (under autocast for bf16), backward, AdamW step.
+    after_phase(name, loss), where given, is called after each of the phases "forward", "backward" and "optimizer"
+    (the tools that read memory per phase; the suite gives none)."""
     forward = compiled(model, mode, backend)
     dtype = PRECISIONS[precision]
     graphs = mode == "reduce-overhead"
@@ -280,10 +283,16 @@ def training_step(model: nn.Module, optimizer, batch: dict, device: torch.device
             torch.compiler.cudagraph_mark_step_begin()
         with (torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
             loss = forward(**batch).loss
+        if after_phase is not None:
+            after_phase("forward", loss)
         loss.backward()
+        if after_phase is not None:
+            after_phase("backward", loss)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if after_phase is not None:
+            after_phase("optimizer", loss)
         return loss
 
     return step
@@ -421,17 +430,12 @@ class ModelSuite:
 
             dynamo_counters = torch._dynamo.utils.counters
             base = self.base_model(case)
-            torch._dynamo.reset()  # every point compiles afresh (and the previous point's CUDA graphs go)
-            self._cleanup()  # the previous point's model, whose compiled wrapper keeps it in reference cycles
-            dynamo_counters.clear()  # what this point compiles: graphs (recompilations included), breaks
-            cuda = self.device.type == "cuda"
-            if cuda:
-                self._warm_libraries()
             primed = mode != "eager" and self.settings.prime_compile and self._earlier_round(row) is None
+            priming = self.start_point(base, case, precision, mode, provider, prime=primed)
+            dynamo_counters.clear()  # what this point compiles: graphs (recompilations included), breaks
             if primed:  # the first compilation's step time and peak are its; the measured model starts warm
-                row["first_step_s"], row["first_compile_peak_mem_bytes"] = self._prime_compile_caches(
-                    base, case, precision, mode, provider)
-                dynamo_counters.clear()
+                row["first_step_s"], row["first_compile_peak_mem_bytes"] = priming
+            cuda = self.device.type == "cuda"
             if cuda:  # peak memory of this point: the copy, grads, states, activations
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -474,6 +478,22 @@ class ModelSuite:
             point = Point([earlier], step=point.step)
         report.fill_model_ratios(self.rows)
         return point
+
+    def start_point(self, base: nn.Module, case: ModelCase, precision: str, mode: str, provider: str,
+                    prime: bool = True) -> Optional[tuple]:
+        """What the suite does before it builds a point, for `measure` and for the tools that measure a point the
+        suite's way: a clean slate (Dynamo reset, so that the point compiles afresh and the previous point's CUDA
+        graphs go; the previous point's model collected, which its compiled wrapper keeps in reference cycles),
+        the libraries' one-off allocations made on CUDA (_warm_libraries), and where `prime`, the point compiled
+        and run once and thrown away (_prime_compile_caches). Returns the priming's (first step's seconds, peak
+        bytes), or None where it did not prime."""
+        import torch._dynamo  # not at the top, as in measure
+
+        torch._dynamo.reset()
+        self._cleanup()
+        if self.device.type == "cuda":
+            self._warm_libraries()
+        return self._prime_compile_caches(base, case, precision, mode, provider) if prime else None
 
     def _prime_compile_caches(self, base: nn.Module, case: ModelCase, precision: str, mode: str,
                               provider: str) -> tuple:
