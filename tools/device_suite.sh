@@ -6,10 +6,10 @@
 # carry that folder into the next call (a call starts from the tree as it is here). Compiled points are primed
 # (bench/model.py): each compiles twice, the second time from the caches the first filled.
 #   1       install, the eager model level for every provider but +recompute (a setting, not a backend: run it
-#           with `points` or the bench's --providers) in 3 alternated rounds (eager steps follow the host's speed,
-#           NOTES tenth session), host time, the paper's code compiled (eleventh session without priming: ~220 s
-#           for the eager rounds, host time and the paper's code; twenty-third session, with +recompute: 366 s with
-#           the install, on a machine the call started)
+#           with `points` or the bench's --providers) in 7 alternated rounds (eager steps follow the host's speed,
+#           NOTES tenth session; 3 rounds in the twenty-sixth session's run spread ours 27-44 ms on RoBERTa-base),
+#           host time, the paper's code compiled (twenty-sixth session, with 3 rounds: 306 s with the install, on a
+#           machine the call started; 4 more rounds add ~60 s)
 #   2       RoBERTa-base compiled and under CUDA graphs: frozen, PEFT LoRA and condlora[cuda] (the required target's
 #           providers) in 3 alternated rounds, a compiled step on these hosts being bound by the host too (NOTES,
 #           twenty-second session). No +recompute round: on RoBERTa-base the default ("auto") recomputes already
@@ -21,7 +21,7 @@
 #   4       the first step in fresh processes, cold and warm caches (twenty-third session, after the GPU tests of
 #           recompute_weight_cast="auto": 379 s with the install, 96 s of it install and tests). Parts 1-4 back to
 #           back took 1777 s of device time with the cold start in the twenty-third session, a session's whole
-#           budget; the parts have since lost those GPU tests and the +recompute points (~3 minutes)
+#           budget; without those GPU tests and the +recompute points, 1464 s in the twenty-sixth session
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
@@ -59,7 +59,7 @@ required_providers=(frozen peft_lora "condlora[cuda]")  # the required target's,
 compiled=(--only model --model-modes compile reduce-overhead --no-first-step)  # the compiled model level's options
 part=$1; shift
 case "$part" in
-  1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 \
+  1) bench_into "$suite_dir" $((400 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 7 \
        --providers "${eager_providers[@]}"
      bench_into "$suite_dir" $((575 - SECONDS + start)) "${compiled[@]}" --providers paper_code_condlora ;;
   2) bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base --rounds 3 \
