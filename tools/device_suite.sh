@@ -2,8 +2,9 @@
 # The suite on one GPU in device calls of at most 10 minutes each, merged into one JSON: `bash tools/device_suite.sh
 # PART`. Call the parts back to back so that the machine stays warm (the install and Inductor's caches are kept).
 # The suite's parts (1-4) merge their points into $SUITE_DIR/<device>.json (default build/suite, ignored by git:
-# one run's JSON, not merged with earlier sessions') and copy it to $OUT; copy it back into $SUITE_DIR here and
-# carry that folder into the next call (a call starts from the tree as it is here). Compiled points are primed
+# one run's JSON, not merged with earlier sessions') and copy it to $OUT. A machine kept warm keeps that ignored
+# folder between calls (the twenty-sixth session's run needed no carry); after a cold start, copy the last JSON
+# back into $SUITE_DIR here and carry that folder into the next call. Compiled points are primed
 # (bench/model.py): each compiles twice, the second time from the caches the first filled.
 #   1       install, the eager model level for every provider but +recompute (a setting, not a backend: run it
 #           with `points` or the bench's --providers) in 7 alternated rounds (eager steps follow the host's speed,
