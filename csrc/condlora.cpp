@@ -257,8 +257,6 @@ bool fold_into_weight(const Sizes& sz, double dropout_p, const at::Tensor& like)
 
 namespace {
 
-at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
-
 // y and u from checked, contiguous x (N, d_in) and A, B in x's dtype (the forward of docs/design.md §2).
 std::tuple<at::Tensor, at::Tensor> forward_core(const DeviceKernels& kernels, const at::Tensor& x,
                                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,

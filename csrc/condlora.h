@@ -54,6 +54,8 @@ inline bool is_half_dtype(at::ScalarType t) { return t == at::kHalf || t == at::
 inline bool weight_dtype_fits(at::ScalarType t, at::ScalarType x_dtype) {
   return t == x_dtype || (is_half_dtype(x_dtype) && t == at::kFloat);
 }
+// t in dtype: t itself where it has it, else a rounded copy (to nearest even, as autocast and prepare round).
+inline at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 // A weight or bias: floating, dense, weight_dtype_fits x's dtype, on x's device (TypeError / ValueError otherwise).
 void check_master(const char* name, const at::Tensor& t, at::ScalarType x_dtype, const at::Device& x_device);
 // scaling finite and within float32's range (the kernels multiply in float32); dropout_p in [0, 1) and not so close

@@ -126,7 +126,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
                             const std::optional<at::Tensor>& bias, const at::Tensor& theta_a,
                             const at::Tensor& theta_b, double scaling, double dropout_p, c10::string_view mode,
                             bool recompute_weight_cast) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const BelowAutograd below_autograd;
     const std::string mode_name(mode);
     const ForwardResult result = run_forward(x, weight, bias, theta_a, theta_b, scaling, dropout_p, mode_name);
     // The master (a parameter, alive anyway) instead of its rounding, which the backward then rounds again: with
@@ -169,12 +169,11 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       grad_theta_b = grad_theta_a.narrow_symint(0, r, r);
       grad_theta_a = grad_theta_a.narrow_symint(0, 0, r);
     }
-    auto cast_to = [](const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); };
     variable_list out(9);
     if (needs[0]) out[0] = grad_x.view_symint(x.sym_sizes());
     if (needs[3]) out[2] = grad_bias;
-    if (needs[1]) out[3] = cast_to(grad_theta_a, ctx->saved_data["theta_a_dtype"].toScalarType());
-    if (needs[2]) out[4] = cast_to(grad_theta_b, ctx->saved_data["theta_b_dtype"].toScalarType());
+    if (needs[1]) out[3] = cast(grad_theta_a, ctx->saved_data["theta_a_dtype"].toScalarType());
+    if (needs[2]) out[4] = cast(grad_theta_b, ctx->saved_data["theta_b_dtype"].toScalarType());
     return out;
   }
 };
