@@ -19,7 +19,8 @@
 #           RoBERTa-base compiled in one round (twenty-third session, with the priming's GPU test and
 #           condlora[cuda]+recompute on the Llama stack: 524 s, close to the call's limit: the timeouts below drop
 #           the last points first)
-#   4       the first step in fresh processes, cold and warm caches (twenty-third session, after the GPU tests of
+#   4       the first step in fresh processes, cold and warm caches, then the op's GPU tests and the eager step's
+#           host time at width 64 on CUDA tensors (twenty-seventh session) (twenty-third session, after the GPU tests of
 #           recompute_weight_cast="auto": 379 s with the install, 96 s of it install and tests). Parts 1-4 back to
 #           back took 1777 s of device time with the cold start in the twenty-third session, a session's whole
 #           budget; without those GPU tests and the +recompute points, 1464 s in the twenty-sixth session
@@ -71,7 +72,16 @@ case "$part" in
        --providers "condlora[triton]"
      bench_into "$suite_dir" $((585 - SECONDS + start)) "${compiled[@]}" --models roberta-base \
        --providers "condlora[triton]" ;;
-  4) bench_into "$suite_dir" $((585 - SECONDS + start)) --only first-step ;;
+  4) bench_into "$suite_dir" $((400 - SECONDS + start)) --only first-step
+     # after the suite's last points, so that a run short of device time loses these first: the op's GPU tests
+     # (three files, ~110 s) and the eager step's host time on CUDA tensors at width 64 (NOTES, twenty-sixth session)
+     timeout 170 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_cpp_backend.py tests/test_linear_op.py \
+       tests/test_recompute_weight_cast.py > "$OUT/pytest_gpu.txt" 2>&1
+     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
+     echo "tests: $((SECONDS - start)) s"
+     timeout $((590 - SECONDS + start)) python tools/explore_eager_host.py --device cuda --model roberta-12L-w64 \
+       --rounds 5 --steps 30 --json "$OUT/eager_host_cuda.json" 2>&1 | grep -v -i warn | cut -c1-200
+     echo "eager host: $((SECONDS - start)) s" ;;
   1a) bench $((570 - SECONDS + start)) --only model host --model-modes eager --no-first-step --rounds 3 ;;
   2a|2b) bench $((570 - SECONDS + start)) "${compiled[@]}" \
        --models "$([ "$part" = 2a ] && echo roberta-base || echo llama-4096-2L)" --providers "${compiled_providers[@]}" ;;
