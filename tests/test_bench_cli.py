@@ -307,6 +307,36 @@ def test_targets_of_the_recompute_rows():
     assert f"condlora[cuda]+recompute {required}" not in without
 
 
+def test_kernel_targets():
+    """The small layer's target reads its CUDA-graph repeats (median of their ratios), the large shape's the main
+    timer; bf16 rows only; a shape the result lacks is not measured, and a fast fp32 row does not count."""
+    small, large = "8192x768x768 r8", "16384x4096x4096 r16"
+    rows = []
+    for repeat, (cuda, triton) in enumerate(((1.5, 2.0), (1.7, 2.1), (1.55, 1.9))):
+        rows += [_row("condlora[cuda]", "forward+backward", ratio=cuda, timer="cudagraph", repeat=repeat, shape=small),
+                 _row("condlora[triton]", "forward+backward", ratio=triton, timer="cudagraph", repeat=repeat,
+                      shape=small)]
+    rows += [_row("condlora[cuda]", "forward+backward", ratio=3.0, timer="do_bench", shape=small),  # not the timer
+             _row("condlora[cuda]", "forward", ratio=1.12, timer="do_bench", shape=large),
+             _row("condlora[triton]", "forward", ratio=1.08, timer="do_bench", shape=large)]
+    for row in rows:
+        row["dtype"] = "bf16"
+    rows.append(_row("condlora[cuda]", "forward+backward", ratio=1.0, timer="do_bench", shape=large))  # fp32
+    met = {target: (measured, m) for target, measured, m in report.targets(_results(kernel=rows))}
+    graphs = "kernel level, 8192x768x768 r8, forward+backward under CUDA graphs"
+    assert met[f"{graphs}: condlora[cuda] (auto) ≤ 1.6× frozen"] == ("condlora[cuda]: 1.55× (median of 3 repeats)",
+                                                                     True)
+    assert met[f"{graphs}: best CondLoRA ≤ 1.6× frozen"][0].startswith("condlora[cuda]: 1.55×")
+    assert met["kernel level, 16384x4096x4096 r16, forward: condlora[cuda] (auto) ≤ 1.1× frozen"] == \
+        ("condlora[cuda]: 1.12×", False)
+    assert met["kernel level, 16384x4096x4096 r16, forward: best CondLoRA ≤ 1.1× frozen"] == \
+        ("condlora[triton]: 1.08×", True)
+    assert met["kernel level, 16384x4096x4096 r16, forward+backward: best CondLoRA ≤ 1.15× frozen"] == \
+        ("not measured", None)
+    assert "| kernel level, 8192x768x768 r8, forward+backward under CUDA graphs: best CondLoRA ≤ 1.6× frozen | " \
+           "condlora[cuda]: 1.55× (median of 3 repeats) | yes |" in report.targets_markdown(_results(kernel=rows))
+
+
 def test_a_higher_peak_names_the_requested_and_reserved_bytes():
     """Where CondLoRA's peak is above PEFT's, the target's figure says how much of it the tensors asked for (the
     rest is the allocator's block rounding) and how the reserved memory compares; the verdict stays on the peak."""
