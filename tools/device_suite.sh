@@ -25,7 +25,8 @@
 #           back took 1777 s of device time with the cold start in the twenty-third session, a session's whole
 #           budget; without those GPU tests and the +recompute points, 1464 s in the twenty-sixth session
 #   kernel  install, the kernel level at the two shapes of issue #11's kernel targets (RoBERTa-base's 8192 x 768^2,
-#           r=8, with its CUDA-graph repeats; 16384 x 4096^2, r=16), bf16, frozen, PEFT LoRA and both GPU backends,
+#           r=8, with its CUDA-graph repeats; 16384 x 4096^2, r=16), bf16, frozen, condlora[cuda], PEFT LoRA, then
+#           condlora[triton] (last at each shape: its autotuning is the longest, so that a time limit cuts it first),
 #           into the suite's JSON; then tools/explore_eager_host.py on CUDA tensors at width 64 (not run yet)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
@@ -87,7 +88,7 @@ case "$part" in
      echo "eager host: $((SECONDS - start)) s" ;;
   kernel)  # issue #11's kernel-level targets (report.KERNEL_LIMITS), then the eager step's host time on CUDA tensors
     bench_into "$suite_dir" $((420 - SECONDS + start)) --only kernel --dtypes bf16 \
-      --shapes 8192,768,768,8 16384,4096,4096,16 --providers frozen peft_lora "condlora[cuda]" "condlora[triton]"
+      --shapes 8192,768,768,8 16384,4096,4096,16 --providers frozen "condlora[cuda]" peft_lora "condlora[triton]"
     timeout $((590 - SECONDS + start)) python tools/explore_eager_host.py --device cuda --model roberta-12L-w64 \
       --rounds 5 --steps 30 --json "$OUT/eager_host_cuda.json" 2>&1 | grep -v -i warn | cut -c1-200
     echo "kernel: $((SECONDS - start)) s" ;;
