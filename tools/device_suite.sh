@@ -58,6 +58,12 @@ bench_into() {  # bench_into FOLDER TIME_LIMIT ARGS...
   echo "elapsed: $((SECONDS - start)) s"
 }
 bench() { bench_into benchmarks/results "$@"; }
+gpu_tests() {  # gpu_tests TIME_LIMIT FILE...: those GPU tests with 8 workers, the output and 25 slowest in $OUT
+  local limit=$1; shift
+  timeout "$limit" python -m pytest -q -rfE -n 8 --durations=25 -p no:cacheprovider "$@" > "$OUT/pytest_gpu.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
+  echo "tests: $((SECONDS - start)) s"
+}
 compiled_providers=(frozen peft_lora "condlora[cuda]" "condlora[cuda]+recompute" "condlora[triton]")  # 2a, 2b
 # every model provider but condlora[cuda]+recompute, for part 1's eager rounds
 eager_providers=(frozen peft_lora paper_code_condlora "condlora[cuda]" "condlora[triton]" "condlora[cpu]"
@@ -80,10 +86,8 @@ case "$part" in
   4) bench_into "$suite_dir" $((400 - SECONDS + start)) --only first-step
      # after the suite's last points, so that a run short of device time loses these first: the op's GPU tests of
      # the code the run measured (~100 s)
-     timeout $((590 - SECONDS + start)) python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_cpp_backend.py \
-       tests/test_linear_op.py tests/test_recompute_weight_cast.py > "$OUT/pytest_gpu.txt" 2>&1
-     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
-     echo "tests: $((SECONDS - start)) s" ;;
+     gpu_tests $((590 - SECONDS + start)) tests/test_cpp_backend.py tests/test_linear_op.py \
+       tests/test_recompute_weight_cast.py ;;
   kernel)  # issue #11's kernel-level targets (report.KERNEL_LIMITS), then the eager step's host time on CUDA tensors
     bench_into "$suite_dir" $((420 - SECONDS + start)) --only kernel --dtypes bf16 \
       --shapes 8192,768,768,8 16384,4096,4096,16 --providers frozen "condlora[cuda]" peft_lora "condlora[triton]"
@@ -103,17 +107,12 @@ case "$part" in
     echo "llama: $((SECONDS - start)) s"
     ;;
   prepare)
-    timeout 200 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_cuda_prepare.py tests/test_linear_op.py \
-      tests/test_cpp_backend.py > "$OUT/pytest_gpu.txt" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
+    gpu_tests 200 tests/test_cuda_prepare.py tests/test_linear_op.py tests/test_cpp_backend.py
     timeout 100 python tools/explore_prepare.py --json "$OUT/explore_prepare.json"
     echo "prepare: $((SECONDS - start)) s"
     ;;
   ab)
-    timeout 200 python -m pytest -q -rfE -n 8 -p no:cacheprovider tests/test_cuda_prepare.py tests/test_linear_op.py \
-      tests/test_cpp_backend.py > "$OUT/pytest_gpu.txt" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
-    echo "tests: $((SECONDS - start)) s"
+    gpu_tests 200 tests/test_cuda_prepare.py tests/test_linear_op.py tests/test_cpp_backend.py
     timeout $((580 - SECONDS + start)) python tools/explore_ab.py --toggle "$1" --rounds 6 --json "$OUT/ab.json" 2>&1 \
       | grep -v -i warn | cut -c1-300
     echo "ab: $((SECONDS - start)) s"
@@ -139,10 +138,7 @@ case "$part" in
     echo "points: $((SECONDS - start)) s"
     ;;
   tests)
-    timeout $((570 - SECONDS + start)) python -m pytest -q -rfE -n 8 --durations=25 -p no:cacheprovider "$@" \
-      > "$OUT/pytest_gpu.txt" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -15 | cut -c1-400
-    echo "tests: $((SECONDS - start)) s"
+    gpu_tests $((570 - SECONDS + start)) "$@"
     ;;
   *) echo "usage: bash tools/device_suite.sh 1|2|3|4|kernel|1a|2a|2b|3a|llama|prepare|ab TOGGLE|layer TOGGLE|points|tests FILE..." >&2; exit 2 ;;
 esac
