@@ -3,7 +3,8 @@
 Which kernel takes a layer (csrc/cuda/cuda_ops.cpp, prepare_cuda):
   - paper mode with a small theta (2r <= 32, 2r * d <= 24576), outside CUDA graphs: one block per row of W0;
   - every other half-precision layer with 2r (paper) or r (general) <= 32 and d_in a multiple of 8, inside CUDA
-    graphs too: the tiled tensor-core pass;
+    graphs too: the tiled tensor-core pass; a W0 already in half precision (nothing to round) only up to 2^20
+    elements, above which cuBLAS reads it faster;
   - the rest (float32 and float64 layers, larger ranks): the cast and cuBLAS.
 Each case checks which kernel ran (its name in the profiler), A and B against float64 with the 2x same-dtype rule
 (condlora_kernels/testing.py), the rounded weight bit for bit, and that a second call gives the same bits. The
@@ -103,7 +104,17 @@ CASES = [
     ("general", 4096, 11008, 16, "tiled"), # Llama's gate and up projections
     ("general", 11008, 4096, 16, "tiled"), # and its down projection
     ("general", 64, 64, 33, "cublas"),     # r > 32
+    ("general", 1024, 1024, 8, "tiled"),   # 2^20 elements: the largest half-precision W0 the tiled pass takes
+    ("general", 1024, 1032, 8, "tiled"),   # one row block more: a half-precision W0 takes cuBLAS
 ]
+MAX_UNROUNDED_TILED_ELEMENTS = 1 << 20  # csrc/cuda/cuda_ops.cpp, kMaxUnroundedTiledElements
+
+
+def expected_kernel(expected: str, weight_dtype: torch.dtype, dtype: torch.dtype, d_in: int, d_out: int) -> str:
+    """The kernel of CASES for a float32 master; a W0 already in the layer's dtype leaves large layers to cuBLAS."""
+    if expected == "tiled" and weight_dtype == dtype and d_in * d_out > MAX_UNROUNDED_TILED_ELEMENTS:
+        return "cublas"
+    return expected
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -112,6 +123,7 @@ CASES = [
 def test_generation_matches_reference(mode, d_in, d_out, r, expected, masters, dtype):
     weight_dtype = torch.float32 if masters == "float32 masters" else dtype
     theta_dtype = dtype if masters == "half weight and theta" else torch.float32
+    expected = expected_kernel(expected, weight_dtype, dtype, d_in, d_out)
     weight, theta_a, theta_b = make_inputs(mode, d_in, d_out, r, weight_dtype, theta_dtype, seed=d_in + d_out + r)
     poison_allocator((d_out, d_in), (r, d_in), (d_out, r), dtype=dtype)
     outputs, names = kernel_names(lambda: prepare(weight, theta_a, theta_b, dtype, mode))

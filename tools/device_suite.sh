@@ -31,8 +31,8 @@
 #           into the suite's JSON; then tools/explore_eager_host.py on CUDA tensors at width 64 (not run yet)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
-#           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone): ~150 s after the
-#           install in the fourteenth session
+#           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone), for float32 masters
+#           and for bf16 weights: ~150 s after the install in the fourteenth session
 #   llama   install, the Llama stack in all three modes for frozen, PEFT LoRA and condlora[cuda], 3 alternated rounds
 #           (~120 s after the install in the fourteenth session), into its own JSON (not the suite's)
 #   ab TOGGLE  install, the op's GPU tests (the three files of `prepare`), then tools/explore_ab.py with that toggle,
@@ -109,6 +109,7 @@ case "$part" in
   prepare)
     gpu_tests 200 tests/test_cuda_prepare.py tests/test_linear_op.py tests/test_cpp_backend.py
     timeout 100 python tools/explore_prepare.py --json "$OUT/explore_prepare.json"
+    timeout 100 python tools/explore_prepare.py --weights bf16 --json "$OUT/explore_prepare_bf16_weights.json"
     echo "prepare: $((SECONDS - start)) s"
     ;;
   ab)

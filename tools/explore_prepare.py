@@ -1,14 +1,16 @@
 """Exploration (issue #11): GPU time of the generation, `condlora_C::prepare`, against the cast and cuBLAS it replaces.
 
-bf16 layer over float32 masters (W0 and theta), as a training step under autocast sees it. Per shape, median GPU
-time of one call (CUDA graphs: host time removed; inside a capture `prepare` takes the tiled tensor-core pass):
+bf16 layer over float32 masters (W0 and theta), as a training step under autocast sees it; with `--weights bf16`,
+W0 already in bf16 (a model loaded in bf16: nothing to round) under float32 theta, or with `--theta bf16` bf16
+theta too (the kernel level's setting). Per shape, median GPU time of one call (CUDA graphs: host time removed;
+inside a capture `prepare` takes the tiled tensor-core pass):
   op       condlora_C::prepare (the tiled pass inside graphs)
   cublas   the path it replaces: W0.to(bf16), theta_a.to(bf16), theta_b.to(bf16), then the generation's GEMMs
            (condlora_C::generate_lora_weights: paper mode one GEMM and a transposed copy of B, general mode two)
-  cast     W0.to(bf16) alone: what the frozen layer pays, the floor
+  cast     W0.to(bf16) alone: what the frozen layer pays, the floor (a no-op for bf16 weights)
 and, timed eagerly between CUDA events (host included), `op` (the row kernel where it applies) and `cublas`.
 
-    python tools/explore_prepare.py [--json out.json]
+    python tools/explore_prepare.py [--weights float32|bf16] [--theta float32|bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
     parser.add_argument("--rep-ms", type=float, default=50.0)
+    parser.add_argument("--weights", choices=("float32", "bf16"), default="float32", help="W0's dtype")
+    parser.add_argument("--theta", choices=("float32", "bf16"), default="float32", help="theta's dtype")
     args = parser.parse_args()
     dtype = torch.bfloat16
+    weight_dtype, theta_dtype = (getattr(torch, name.replace("bf16", "bfloat16")) for name in (args.weights, args.theta))
     rows = []
     for mode, d_in, d_out, r in SHAPES:
         g = torch.Generator().manual_seed(0)
-        weight = (torch.randn(d_out, d_in, generator=g) * d_in ** -0.5).cuda()
-        theta_a = torch.randn(*reference.theta_a_shape(r, d_out, d_in, mode), generator=g).cuda()
-        theta_b = torch.randn(r, d_in, generator=g).cuda()
+        weight = (torch.randn(d_out, d_in, generator=g) * d_in ** -0.5).to("cuda", weight_dtype)
+        theta_a = torch.randn(*reference.theta_a_shape(r, d_out, d_in, mode), generator=g).to("cuda", theta_dtype)
+        theta_b = torch.randn(r, d_in, generator=g).to("cuda", theta_dtype)
 
         def op():
             return torch.ops.condlora_C.prepare.default(weight, theta_a, theta_b, dtype, mode)
@@ -63,7 +68,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     if args.json:
         result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": __import__("triton").__version__, "dtype": str(dtype), "rows": rows}
+                  "triton": __import__("triton").__version__, "dtype": str(dtype),
+                  "weights": args.weights, "theta": args.theta, "rows": rows}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
 

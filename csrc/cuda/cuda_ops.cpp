@@ -151,7 +151,13 @@ void dy_pass_cuda(const at::Tensor& grad_y, const at::Tensor& u, double scaling,
 //     GPU time lost to the cuBLAS path at small shapes (8192 x 768^2 r=8 on the H200: 43 against 85 us per forward,
 //     benchmarks/NOTES.md); outside one, the launches saved are host time saved (eager step 739 against 950 us).
 //   - launch_tiled_prepare (both modes, tensor cores): half-precision layers, including inside captures. It reads
-//     W0 once where the cast and cuBLAS read it two or three times (benchmarks/NOTES.md, fourteenth session).
+//     W0 once where the cast and cuBLAS read it two or three times (benchmarks/NOTES.md, fourteenth session). A W0
+//     already in the layer's dtype has no rounding to write, and cuBLAS's GEMMs then read it once (paper) or twice
+//     (general) near the memory bandwidth, where the tiled pass runs at ~2.4 TB/s: on the H200 the pass won at 768^2
+//     (5.5 against 6.8-9.2 us) and lost from 768 x 3072 up (12.9 against 9.8-12.2 us; 36 against 14-17 us at
+//     4096^2; benchmarks/NOTES.md, twenty-eighth session), so such a W0 takes it only up to kMaxUnroundedTiledElements.
+constexpr int64_t kMaxUnroundedTiledElements = int64_t(1) << 20;  // between the two measured sizes
+
 bool prepare_cuda(Mode mode, const at::Tensor& weight, const at::Tensor& theta_a, const at::Tensor& theta_b,
                   const at::Tensor& weight_out, const at::Tensor& lora_a, const at::Tensor& lora_b) {
   if (theta_a.scalar_type() != theta_b.scalar_type()) return false;
@@ -174,6 +180,7 @@ bool prepare_cuda(Mode mode, const at::Tensor& weight, const at::Tensor& theta_a
   // the pass copies W0 and theta_r ([theta_a; theta_b] in paper mode, theta_b in general mode) 16 bytes at a time;
   // general mode's theta_a is read element by element
   if (!aligned(weight) || !aligned(theta_b) || (paper && !aligned(theta_a))) return false;
+  if (weight_dtype == out_dtype && d_out * d_in > kMaxUnroundedTiledElements) return false;
   if (!cuda::tiled_prepare_supported(weight_dtype, theta_dtype, out_dtype, paper, static_cast<int>(r), d_out, d_in,
                                      device)) {
     return false;
