@@ -90,7 +90,7 @@ def check_generation(outputs, weight, theta_a, theta_b, dtype, mode):
         assert ok, msg
 
 
-# (mode, d_in, d_out, r, the kernel expected in eager)
+# (mode, d_in, d_out, r, the kernel expected in eager for a float32 master; expected_kernel: a half-precision W0)
 CASES = [
     ("paper", 1000, 1000, 12, "row"),      # 2r * d = 24000: the row kernel's largest theta
     ("paper", 2000, 2000, 16, "tiled"),    # ragged last tile, several row blocks and strips
