@@ -28,7 +28,8 @@
 #   kernel  install, the kernel level at the two shapes of issue #11's kernel targets (RoBERTa-base's 8192 x 768^2,
 #           r=8, with its CUDA-graph repeats; 16384 x 4096^2, r=16), bf16, frozen, condlora[cuda], PEFT LoRA, then
 #           condlora[triton] (last at each shape: its autotuning is the longest, so that a time limit cuts it first),
-#           into the suite's JSON; then tools/explore_eager_host.py on CUDA tensors at width 64 (not run yet)
+#           into the suite's JSON; then tools/explore_eager_host.py on CUDA tensors at width 64 (twenty-eighth
+#           session: 175-180 s with the install, the kernel level done at ~105 s)
 #   1a, 2a, 2b, 3a  the earlier four-part split, merging into benchmarks/results/<device>.json
 #   prepare  install, the generation kernels' GPU tests (tests/test_cuda_prepare.py with the op's two test files)
 #           and tools/explore_prepare.py (their GPU time against cuBLAS and the rounding alone), for float32 masters

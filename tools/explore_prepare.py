@@ -10,7 +10,7 @@ inside a capture `prepare` takes the tiled tensor-core pass):
   cast     W0.to(bf16) alone: what the frozen layer pays, the floor (a no-op for bf16 weights)
 and, timed eagerly between CUDA events (host included), `op` (the row kernel where it applies) and `cublas`.
 
-    python tools/explore_prepare.py [--weights float32|bf16] [--theta float32|bf16] [--json out.json]
+    python tools/explore_prepare.py [--weights fp32|bf16] [--theta fp32|bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import torch
 
 from condlora_kernels import reference, timing
+from condlora_kernels.bench.providers import DTYPES
 from condlora_kernels.kernels import cpp  # noqa: F401  (loads the extension's ops)
 
 SHAPES = [  # (mode, d_in, d_out, r)
@@ -36,11 +37,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
     parser.add_argument("--rep-ms", type=float, default=50.0)
-    parser.add_argument("--weights", choices=("float32", "bf16"), default="float32", help="W0's dtype")
-    parser.add_argument("--theta", choices=("float32", "bf16"), default="float32", help="theta's dtype")
+    parser.add_argument("--weights", choices=("fp32", "bf16"), default="fp32", help="W0's dtype")
+    parser.add_argument("--theta", choices=("fp32", "bf16"), default="fp32", help="theta's dtype")
     args = parser.parse_args()
     dtype = torch.bfloat16
-    weight_dtype, theta_dtype = (getattr(torch, name.replace("bf16", "bfloat16")) for name in (args.weights, args.theta))
+    weight_dtype, theta_dtype = DTYPES[args.weights], DTYPES[args.theta]
     rows = []
     for mode, d_in, d_out, r in SHAPES:
         g = torch.Generator().manual_seed(0)
